@@ -1,0 +1,1 @@
+"""Triton kernels of ztriton, installed as `ztriton.kernels`; each op has a plain-torch reference beside it."""

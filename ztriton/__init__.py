@@ -1,0 +1,19 @@
+"""ztriton: sparse training of spiking neural networks with LocalZO (Mukhoty, Bojković et al., NeurIPS 2023) and SparseGrad."""
+
+from .distributions import (
+    Distribution,
+    distribution_from_surrogate,
+    get_distribution,
+)
+from .functional import localzo_spike, sparsegrad_spike, surrogate_spike
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Distribution",
+    "distribution_from_surrogate",
+    "get_distribution",
+    "localzo_spike",
+    "sparsegrad_spike",
+    "surrogate_spike",
+]

@@ -1,0 +1,166 @@
+"""Spike functions: Heaviside forward, three backward rules (paper section 4, Algorithm 1).
+
+All take the distance to threshold `v = u - u_th` and return spikes `H(v)` (1 where v > 0) in the
+dtype of `v`. The backward returns `grad_out * g` with
+
+- `localzo_spike`:    g = c/m sum_k 1[|v| < delta |z_k|] |z_k|^alpha / (2 delta), z drawn in forward
+                      (eq. 6/7, Algorithm 1);
+- `surrogate_spike`:  g = the surrogate LocalZO equals in expectation (Theorem 2/3), dense;
+- `sparsegrad_spike`: the same surrogate, zero where |v| >= B_th (Perez-Nieves & Goodman 2021),
+                      B_th = delta E[max_k |z_k|] by default (eq. 21).
+
+The `*_grad` functions compute g alone; the layers use them on whole (T, B, N) tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import float_tensor, positive_float, positive_int
+from .distributions import Distribution, resolve
+
+__all__ = [
+    "heaviside",
+    "localzo_grad",
+    "surrogate_grad",
+    "sparsegrad_grad",
+    "localzo_spike",
+    "surrogate_spike",
+    "sparsegrad_spike",
+]
+
+
+def heaviside(v: torch.Tensor) -> torch.Tensor:
+    """H(v): 1 where v > 0, else 0 (v == 0 does not spike), in the dtype of v."""
+    return (v > 0).to(v.dtype)
+
+
+def _check_generator(generator, v: torch.Tensor) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != v.device.type:
+        raise ValueError(f"generator is on {generator.device} but v is on {v.device}")
+
+
+def _localzo_args(v, delta, m, dist, generator) -> tuple[float, int, Distribution]:
+    float_tensor("v", v)
+    delta = positive_float("delta", delta)
+    m = positive_int("m", m)
+    law = resolve(dist, delta)
+    _check_generator(generator, v)
+    return delta, m, law
+
+
+def _sparsegrad_args(v, dist, delta, bth, m) -> tuple[float, Distribution, float]:
+    float_tensor("v", v)
+    delta = positive_float("delta", delta)
+    m = positive_int("m", m)
+    law = resolve(dist, delta)
+    bth = law.backprop_threshold(delta, m) if bth is None else positive_float("bth", bth)
+    return delta, law, bth
+
+
+def _localzo(v, delta: float, m: int, law: Distribution, generator) -> torch.Tensor:
+    abs_v = v.detach().abs().float()
+    total = torch.zeros_like(abs_v)
+    for _ in range(m):
+        abs_z = law.sample_abs(v.shape, generator, device=v.device)
+        weight = abs_z if law.alpha == 1 else abs_z.reciprocal()
+        total += torch.where(abs_v < delta * abs_z, weight, 0.0)
+    return total.mul_(law.c / (2.0 * delta * m)).to(v.dtype)
+
+
+def _sparsegrad(v, delta: float, law: Distribution, bth: float) -> torch.Tensor:
+    g = law.expected_grad(v.detach(), delta)
+    return torch.where(v.detach().abs() < bth, g, torch.zeros_like(g))
+
+
+def localzo_grad(
+    v: torch.Tensor,
+    delta: float = 0.05,
+    m: int = 1,
+    dist: str | Distribution = "normal",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The LocalZO estimate g of eq. 7 for every entry of `v` (one draw of m samples each).
+
+    Loops over the m samples, so memory stays a few tensors of v's shape.
+    """
+    delta, m, law = _localzo_args(v, delta, m, dist, generator)
+    return _localzo(v, delta, m, law, generator)
+
+
+def surrogate_grad(v: torch.Tensor, dist: str | Distribution = "normal", delta: float = 0.05) -> torch.Tensor:
+    """The dense surrogate c E[G(v; z, delta)] (Theorem 2/3) at every entry of `v`."""
+    float_tensor("v", v)
+    delta = positive_float("delta", delta)
+    return resolve(dist, delta).expected_grad(v.detach(), delta)
+
+
+def sparsegrad_grad(
+    v: torch.Tensor,
+    dist: str | Distribution = "normal",
+    delta: float = 0.05,
+    bth: float | None = None,
+    m: int = 1,
+) -> torch.Tensor:
+    """The surrogate truncated to |v| < B_th; B_th defaults to `backprop_threshold(delta, m)` (eq. 21)."""
+    delta, law, bth = _sparsegrad_args(v, dist, delta, bth, m)
+    return _sparsegrad(v, delta, law, bth)
+
+
+class _SpikeWithGrad(torch.autograd.Function):
+    """Heaviside forward; backward multiplies by a gradient `g` fixed in forward."""
+
+    @staticmethod
+    def forward(ctx, v, g):
+        ctx.save_for_backward(g)
+        return heaviside(v)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (g,) = ctx.saved_tensors
+        return grad_out * g, None
+
+
+def _spike(v: torch.Tensor, make_grad) -> torch.Tensor:
+    if torch.is_grad_enabled() and v.requires_grad:
+        return _SpikeWithGrad.apply(v, make_grad())
+    return heaviside(v)
+
+
+def localzo_spike(
+    v: torch.Tensor,
+    delta: float = 0.05,
+    m: int = 1,
+    dist: str | Distribution = "normal",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """H(v) with the LocalZO backward of Algorithm 1; z is drawn in this forward call.
+
+    No draw is made when no gradient is needed (v does not require grad, or inside no_grad).
+    """
+    delta, m, law = _localzo_args(v, delta, m, dist, generator)
+    return _spike(v, lambda: _localzo(v, delta, m, law, generator))
+
+
+def surrogate_spike(v: torch.Tensor, dist: str | Distribution = "normal", delta: float = 0.05) -> torch.Tensor:
+    """H(v) with the dense expected surrogate as backward (the reference without truncation)."""
+    float_tensor("v", v)
+    delta = positive_float("delta", delta)
+    law = resolve(dist, delta)
+    return _spike(v, lambda: law.expected_grad(v.detach(), delta))
+
+
+def sparsegrad_spike(
+    v: torch.Tensor,
+    dist: str | Distribution = "normal",
+    delta: float = 0.05,
+    bth: float | None = None,
+    m: int = 1,
+) -> torch.Tensor:
+    """H(v) with the surrogate backward zeroed where |v| >= B_th (SparseGrad)."""
+    delta, law, bth = _sparsegrad_args(v, dist, delta, bth, m)
+    return _spike(v, lambda: _sparsegrad(v, delta, law, bth))
