@@ -132,9 +132,9 @@ def test_no_m_by_shape_allocation(monkeypatch):
     shapes = []
     original = type(law).sample_abs
 
-    def spy(self, shape, generator=None, device=None):
+    def spy(self, shape, generator=None, device=None, out=None):
         shapes.append(tuple(shape))
-        return original(self, shape, generator, device)
+        return original(self, shape, generator, device, out)
 
     monkeypatch.setattr(type(law), "sample_abs", spy)
     localzo_grad(torch.zeros(4, 5), 0.05, 7, law)

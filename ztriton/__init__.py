@@ -6,11 +6,17 @@ from .distributions import (
     get_distribution,
 )
 from .functional import localzo_spike, sparsegrad_spike, surrogate_spike
+from .layers import LeakyReadout, SparseLIFLinear
+from .scheduler import Scheduler, calibrate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Distribution",
+    "LeakyReadout",
+    "Scheduler",
+    "SparseLIFLinear",
+    "calibrate",
     "distribution_from_surrogate",
     "get_distribution",
     "localzo_spike",

@@ -60,8 +60,8 @@ class Distribution:
     #: the delta a surrogate-derived law was built for (its pdf depends on delta); None: any delta
     delta: float | None = None
 
-    def sample_abs(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """|z| for `shape` independent draws, float32."""
+    def sample_abs(self, shape, generator: torch.Generator | None = None, device=None, out=None) -> torch.Tensor:
+        """|z| for `shape` independent draws, float32 (written into `out` when given)."""
         raise NotImplementedError
 
     def sample(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -106,8 +106,8 @@ class Normal(Distribution):
 
     name = "normal"
 
-    def sample_abs(self, shape, generator=None, device=None):
-        return torch.randn(shape, generator=generator, device=_device_of(generator, device)).abs_()
+    def sample_abs(self, shape, generator=None, device=None, out=None):
+        return torch.randn(shape, generator=generator, device=_device_of(generator, device), out=out).abs_()
 
     def sample(self, shape, generator=None, device=None):
         return torch.randn(shape, generator=generator, device=_device_of(generator, device))
@@ -130,8 +130,8 @@ class Uniform(Distribution):
 
     name = "uniform"
 
-    def sample_abs(self, shape, generator=None, device=None):
-        r = torch.rand(shape, generator=generator, device=_device_of(generator, device))
+    def sample_abs(self, shape, generator=None, device=None, out=None):
+        r = torch.rand(shape, generator=generator, device=_device_of(generator, device), out=out)
         return r.mul_(math.sqrt(3.0))
 
     def expected_grad(self, v, delta):
@@ -149,8 +149,9 @@ class Laplace(Distribution):
 
     name = "laplace"
 
-    def sample_abs(self, shape, generator=None, device=None):
-        out = torch.empty(shape, device=_device_of(generator, device))
+    def sample_abs(self, shape, generator=None, device=None, out=None):
+        if out is None:
+            out = torch.empty(shape, device=_device_of(generator, device))
         return out.exponential_(math.sqrt(2.0), generator=generator)
 
     def expected_grad(self, v, delta):
@@ -179,9 +180,9 @@ class FastSigmoid(Distribution):
         self.delta = positive_float("delta", delta)
         self.c = 2.0 / self.k
 
-    def sample_abs(self, shape, generator=None, device=None):
-        root = torch.rand(shape, generator=generator, device=_device_of(generator, device)).sqrt_()
-        return root / ((1.0 - root) * (self.k * self.delta))
+    def sample_abs(self, shape, generator=None, device=None, out=None):
+        root = torch.rand(shape, generator=generator, device=_device_of(generator, device), out=out).sqrt_()
+        return root.div_((1.0 - root).mul_(self.k * self.delta))
 
     def expected_grad(self, v, delta):
         self.check_delta(delta)
@@ -270,9 +271,10 @@ class SurrogateDistribution(Distribution):
         z_lo = abs_z[lower]
         return z_lo + frac * (abs_z[upper] - z_lo)
 
-    def sample_abs(self, shape, generator=None, device=None):
+    def sample_abs(self, shape, generator=None, device=None, out=None):
         r = torch.rand(shape, generator=generator, device=_device_of(generator, device))
-        return self.quantile_abs(r)
+        z = self.quantile_abs(r)
+        return z if out is None else out.copy_(z)
 
     def expected_grad(self, v, delta):
         """c E[G] computed from the table (eq. 8); equals g(v) up to the table's resolution."""

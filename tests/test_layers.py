@@ -1,0 +1,361 @@
+"""SparseLIFLinear / LeakyReadout: eq. 1 forward, sparse == dense == autograd BPTT, scheduler, errors."""
+
+import math
+
+import pytest
+import torch
+
+from ztriton import LeakyReadout, Scheduler, SparseLIFLinear
+from ztriton.functional import localzo_grad, sparsegrad_grad, sparsegrad_spike, surrogate_spike
+from ztriton.lif import link_of
+
+
+def reference_lif(x, weight, bias, beta, threshold, spike):
+    """Step-by-step eq. 1 with plain autograd; `spike(v, t)` is the spike function at step t."""
+    current = x @ weight.t() + (0 if bias is None else bias)
+    u = torch.zeros_like(current[0])
+    s = torch.zeros_like(current[0])
+    out = []
+    for t, i_t in enumerate(current.unbind(0)):
+        u = beta * u + i_t - threshold * s.detach()  # the reset is not differentiated
+        s = spike(u - threshold, t)
+        out.append(s)
+    return torch.stack(out)
+
+
+class FixedGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, g):
+        ctx.save_for_backward(g)
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return grad * g, None
+
+
+def reference_readout(s, weight, beta):
+    current = (s @ weight.t()) * (1 - beta)
+    o = torch.zeros_like(current[0])
+    out = []
+    for i_t in current.unbind(0):
+        o = beta * o + i_t
+        out.append(o)
+    return torch.stack(out)
+
+
+def make_stack(sizes, betas, path, grad="localzo", delta=0.2, gain=3.0, seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    layers = [
+        SparseLIFLinear(a, b, beta=beta, path=path, grad=grad, delta=delta, **kw)
+        for a, b, beta in zip(sizes[:-2], sizes[1:-1], betas)
+    ]
+    readout = LeakyReadout(sizes[-2], sizes[-1], beta=0.8)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(gain)
+    return [m.to(dtype) for m in layers], readout.to(dtype)
+
+
+def run_stack(layers, readout, x, seed=7):
+    torch.manual_seed(seed)
+    xi = x.clone().requires_grad_(True)
+    h, spikes = xi, []
+    for layer in layers:
+        h = layer(h)
+        spikes.append(h)
+    out = readout(h)
+    loss = out.max(0).values.pow(2).sum() + 0.1 * sum(s.sum() for s in spikes)  # a rate regulariser too
+    loss.backward()
+    grads = [m.weight.grad.clone() for m in layers + [readout]] + [xi.grad.clone()]
+    return spikes, grads
+
+
+def reference_stack(layers, readout, x, spikes):
+    """Plain autograd BPTT through the same forward, each layer using the g its LocalZO forward drew."""
+    xi = x.clone().requires_grad_(True)
+    weights = [m.weight.detach().clone().requires_grad_(True) for m in layers + [readout]]
+    h, ref_spikes = xi, []
+    for layer, w, s in zip(layers, weights, spikes):
+        link = link_of(s)
+        g = link.active.dense().to(x.dtype) if link is not None else torch.zeros_like(s)
+        h = reference_lif(h, w, None, layer.beta, layer.threshold, lambda v, t, g=g: FixedGrad.apply(v, g[t]))
+        ref_spikes.append(h)
+    out = reference_readout(h, weights[-1], readout.beta)
+    loss = out.max(0).values.pow(2).sum() + 0.1 * sum(s.sum() for s in ref_spikes)
+    loss.backward()
+    return ref_spikes, [w.grad for w in weights] + [xi.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_matches_step_by_step_eq1(dtype):
+    torch.manual_seed(0)
+    layer = SparseLIFLinear(23, 19, beta=0.9, threshold=0.7, bias=True).to(dtype)
+    with torch.no_grad():
+        layer.weight.mul_(3)
+        layer.bias.uniform_(-0.2, 0.2)
+    x = torch.rand(41, 6, 23, dtype=dtype)  # real-valued input
+    with torch.no_grad():
+        out = layer(x)
+        ref = reference_lif(x.double(), layer.weight.double(), layer.bias.double(), 0.9, 0.7, lambda v, t: (v > 0).double())
+    assert out.dtype == dtype and out.shape == (41, 6, 19)
+    assert 0.05 < ref.mean() < 0.95
+    if dtype == torch.float64:
+        assert torch.equal(out, ref)
+    else:  # float32 rounding may flip a spike sitting exactly at threshold
+        assert (out.double() != ref).double().mean() < 1e-3
+
+
+SHAPES = [  # (layer sizes incl. input and readout, betas, T, B)
+    ([13, 7, 5], [0.9], 17, 3),
+    ([19, 11, 9, 4], [0.95, 0.8], 23, 5),
+    ([9, 14, 6, 10, 3], [0.9, 0.85, 0.7], 15, 4),
+    ([7, 5, 3], [1.0], 1, 2),  # T = 1, beta = 1 (no leak)
+]
+
+
+@pytest.mark.parametrize("sizes,betas,steps,batch", SHAPES)
+@pytest.mark.parametrize("delta", [0.003, 0.05, 0.5, 3.0])
+def test_sparse_equals_dense_equals_autograd_bptt(sizes, betas, steps, batch, delta):
+    x = (torch.rand(steps, batch, sizes[0], generator=torch.Generator().manual_seed(3)) < 0.4).double()
+    results = {}
+    for path in ("dense", "sparse"):
+        layers, readout = make_stack(sizes, betas, path, delta=delta)
+        spikes, grads = run_stack(layers, readout, x)
+        results[path] = (spikes, grads, [layer.stats["active_fraction"] for layer in layers])
+    spikes, grads, fractions = results["sparse"]
+    assert fractions == results["dense"][2]
+    for a, b in zip(spikes, results["dense"][0]):
+        assert torch.equal(a, b)
+    for a, b in zip(grads, results["dense"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    layers, readout = make_stack(sizes, betas, "sparse", delta=delta)
+    spikes, grads = run_stack(layers, readout, x)
+    ref_spikes, ref_grads = reference_stack(layers, readout, x, spikes)
+    for a, b in zip(spikes, ref_spikes):
+        assert torch.equal(a, b.detach())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_the_density_range_is_covered():
+    """The parametrised deltas above span about 0.1 % to 50 % active entries."""
+    x = (torch.rand(40, 8, 30, generator=torch.Generator().manual_seed(3)) < 0.4).double()
+    fractions = []
+    for delta in (0.003, 3.0):
+        layers, readout = make_stack([30, 40, 5], [0.9], "sparse", delta=delta)
+        run_stack(layers, readout, x)
+        fractions.append(layers[0].stats["active_fraction"])
+    assert fractions[0] < 0.005 and fractions[1] > 0.4
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_float32_paths_agree_with_float64(path):
+    x = (torch.rand(50, 8, 40, generator=torch.Generator().manual_seed(3)) < 0.3).float()
+    layers, readout = make_stack([40, 30, 20, 5], [0.9, 0.8], path, dtype=torch.float32, delta=0.1)
+    _, grads = run_stack(layers, readout, x)
+    layers64, readout64 = make_stack([40, 30, 20, 5], [0.9, 0.8], "dense", dtype=torch.float64, delta=0.1)
+    _, grads64 = run_stack(layers64, readout64, x.double())
+    for a, b in zip(grads, grads64):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+def test_layer_localzo_g_equals_functional_estimate():
+    torch.manual_seed(0)
+    layer = SparseLIFLinear(10, 12, beta=0.9, delta=0.3, m=3, dist="laplace", path="sparse")
+    x = torch.rand(20, 4, 10) * 2
+    gen = torch.Generator().manual_seed(9)
+    layer.generator = gen
+    spikes = layer(x.requires_grad_(True))
+    with torch.no_grad():
+        v = reference_lif(x, layer.weight, None, 0.9, 1.0, lambda v, t: (v > 0).float()) * 0  # shape only
+        current = x @ layer.weight.t()
+        vs, u, s = [], torch.zeros(4, 12), torch.zeros(4, 12)
+        for t in range(20):
+            u = 0.9 * u + current[t] - s
+            vs.append(u - 1.0)
+            s = (vs[-1] > 0).float()
+        v = torch.stack(vs)
+    expected = localzo_grad(v, 0.3, 3, "laplace", torch.Generator().manual_seed(9))
+    got = link_of(spikes).active.dense()
+    assert torch.equal(got != 0, expected != 0)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["sparsegrad", "surrogate"])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_sparsegrad_and_surrogate_modes_match_autograd(mode, path):
+    torch.manual_seed(0)
+    layer = SparseLIFLinear(15, 9, beta=0.85, grad=mode, dist="normal", delta=0.1, path=path).double()
+    with torch.no_grad():
+        layer.weight.mul_(3)
+    x = (torch.rand(25, 3, 15) < 0.4).double()
+    grad_out = torch.randn(25, 3, 9, dtype=torch.float64)
+    layer(x).backward(grad_out)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    if mode == "sparsegrad":
+        spike = lambda v, t: sparsegrad_spike(v, "normal", 0.1)  # noqa: E731
+    else:
+        spike = lambda v, t: surrogate_spike(v, "normal", 0.1)  # noqa: E731
+    reference_lif(x, w, None, 0.85, 1.0, spike).backward(grad_out)
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-9, atol=1e-9)
+    if mode == "sparsegrad":
+        assert layer.rule.bth == pytest.approx(0.1 * math.sqrt(2 / math.pi))
+
+
+def test_sparsegrad_layer_g_is_exactly_the_truncated_surrogate():
+    torch.manual_seed(0)
+    layer = SparseLIFLinear(15, 9, beta=0.85, grad="sparsegrad", delta=0.1, path="sparse")
+    with torch.no_grad():
+        layer.weight.mul_(3)
+    x = (torch.rand(25, 3, 15) < 0.4).float()
+    spikes = layer(x.requires_grad_(True))
+    with torch.no_grad():
+        current, vs = x @ layer.weight.t(), []
+        u, s = torch.zeros(3, 9), torch.zeros(3, 9)
+        for t in range(25):
+            u = 0.85 * u + current[t] - s
+            vs.append(u - 1.0)
+            s = (vs[-1] > 0).float()
+    expected = sparsegrad_grad(torch.stack(vs), "normal", 0.1)
+    torch.testing.assert_close(link_of(spikes).active.dense(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scheduler_picks_sparse_at_low_and_dense_at_high_activity():
+    x = (torch.rand(30, 4, 20, generator=torch.Generator().manual_seed(1)) < 0.4).float().requires_grad_(True)
+    low = SparseLIFLinear(20, 16, beta=0.9, delta=0.001, scheduler=Scheduler(crossover=0.1))
+    high = SparseLIFLinear(20, 16, beta=0.9, delta=5.0, scheduler=Scheduler(crossover=0.1))
+    for layer in (low, high):
+        with torch.no_grad():
+            layer.weight.mul_(3)
+        layer(x)
+    assert low.stats["active_fraction"] < 0.1 and low.stats["path"] == "sparse"
+    assert high.stats["active_fraction"] > 0.1 and high.stats["path"] == "dense"
+    assert low.stats["crossover"] == 0.1 and low.stats["crossover_source"] == "forced"
+    forced = SparseLIFLinear(20, 16, beta=0.9, delta=5.0, path="sparse", scheduler=Scheduler(crossover=0.1))
+    forced(x)
+    assert forced.stats["path"] == "sparse"
+
+
+def test_scheduler_reads_a_calibration_file(tmp_path, monkeypatch):
+    path = tmp_path / "cal.json"
+    path.write_text('{"cpu": {"crossover": 0.42}}')
+    monkeypatch.setenv("ZTRITON_CALIBRATION", str(path))
+    assert Scheduler().crossover("cpu") == (0.42, "calibrated")
+    monkeypatch.setenv("ZTRITON_CALIBRATION", str(tmp_path / "missing.json"))
+    assert Scheduler().crossover("cpu")[1] == "default"
+
+
+def test_calibration_finds_a_crossover(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZTRITON_CALIBRATION", str(tmp_path / "cal.json"))
+    from ztriton.scheduler import calibrate
+
+    entry = calibrate("cpu", steps=20, batch=4, n_in=30, n_out=20, fractions=(0.01, 0.5), repeats=1)
+    assert 0 < entry["crossover"] <= 1.0
+    assert len(entry["dense_s"]) == 2 and entry["fractions"][0] < entry["fractions"][1]
+    assert Scheduler().crossover("cpu") == (entry["crossover"], "calibrated")
+
+
+def test_no_grad_inference_keeps_nothing():
+    layer = SparseLIFLinear(10, 8, beta=0.9)
+    x = torch.rand(12, 3, 10)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = layer(x)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # no LocalZO draws
+    assert link_of(out) is None and out.grad_fn is None
+    assert layer.stats["path"] == "none" and layer.stats["saved_bytes"] == 0
+
+
+def test_saved_memory_is_compact_for_any_m():
+    torch.manual_seed(0)
+    x = (torch.rand(40, 8, 30) < 0.3).float().requires_grad_(True)
+    dense = SparseLIFLinear(30, 50, beta=0.9, m=5, path="dense")
+    sparse = SparseLIFLinear(30, 50, beta=0.9, m=5, path="sparse")
+    sparse.load_state_dict(dense.state_dict())
+    dense(x), sparse(x)
+    grid = 40 * 8 * 50
+    assert dense.stats["saved_bytes"] == grid * 4
+    nnz = round(sparse.stats["active_fraction"] * grid)
+    assert sparse.stats["saved_bytes"] == nnz * (8 + 4) < grid * 4
+
+
+def test_same_seed_same_spikes_and_gradients():
+    def run():
+        torch.manual_seed(3)
+        layer = SparseLIFLinear(16, 12, beta=0.9, delta=0.2)
+        x = torch.rand(20, 4, 16)
+        out = layer(x)
+        out.sum().backward()
+        return out, layer.weight.grad
+
+    (s1, g1), (s2, g2) = run(), run()
+    assert torch.equal(s1, s2) and torch.equal(g1, g2)
+
+
+def test_optimizer_state_dict_and_gradient_accumulation():
+    torch.manual_seed(0)
+    layer = SparseLIFLinear(16, 12, beta=0.9, delta=0.5, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(20, 4, 16) * 2
+    out = layer(x)
+    out.sum().backward(retain_graph=True)
+    once = layer.weight.grad.clone()
+    out.sum().backward()
+    torch.testing.assert_close(layer.weight.grad, 2 * once)
+    assert once.abs().sum() > 0
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    before = layer.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, layer.weight)
+    clone = SparseLIFLinear(16, 12, beta=0.9)
+    clone.load_state_dict(layer.state_dict())
+    assert torch.equal(clone.weight, layer.weight)
+    assert set(layer.state_dict()) == {"weight"}
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(beta=0.0), ValueError, r"beta must be in \(0, 1\], got 0.0"),
+        (dict(beta=1.5), ValueError, r"beta must be in \(0, 1\], got 1.5"),
+        (dict(beta=0.9, threshold=0), ValueError, "threshold must be finite and > 0, got 0.0"),
+        (dict(beta=0.9, grad="ste"), ValueError, r"grad must be one of \['localzo', 'sparsegrad', 'surrogate'\], got 'ste'"),
+        (dict(beta=0.9, path="fast"), ValueError, r"path must be one of \['auto', 'dense', 'sparse'\], got 'fast'"),
+        (dict(beta=0.9, delta=-1), ValueError, "delta must be finite and > 0, got -1.0"),
+        (dict(beta=0.9, m=0), ValueError, "m must be >= 1, got 0"),
+        (dict(beta=0.9, dist="gauss"), ValueError, "dist must be one of"),
+        (dict(beta=0.9, bth=0.1), ValueError, "bth applies to grad='sparsegrad' only, got grad='localzo'"),
+        (dict(beta="0.9"), TypeError, "beta must be a real number, got str"),
+    ],
+)
+def test_bad_hyper_parameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SparseLIFLinear(4, 3, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "x,error,message",
+    [
+        (torch.zeros(5, 4), ValueError, r"x must have shape \(T, B, in_features\), got 2 dimensions \(5, 4\)"),
+        (torch.zeros(5, 2, 3), ValueError, "x has 3 features, the layer expects in_features=4"),
+        (torch.zeros(5, 2, 4, dtype=torch.int32), TypeError, "x must be a floating-point tensor, got dtype torch.int32"),
+        (torch.full((5, 2, 4), float("nan")), ValueError, "x contains NaN or inf"),
+        ([[0.0]], TypeError, "x must be a torch.Tensor, got list"),
+    ],
+)
+@pytest.mark.parametrize("module", ["lif", "readout"])
+def test_bad_input(module, x, error, message):
+    layer = SparseLIFLinear(4, 3, beta=0.9) if module == "lif" else LeakyReadout(4, 3, beta=0.9)
+    with pytest.raises(error, match=message):
+        layer(x)
+
+
+def test_plain_tensor_input_gets_a_dense_input_gradient():
+    torch.manual_seed(0)
+    layer = SparseLIFLinear(6, 5, beta=0.9, delta=1.0, path="sparse").double()
+    x = torch.rand(10, 2, 6, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == x.shape and x.grad.is_contiguous() and (x.grad != 0).any()

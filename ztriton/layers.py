@@ -1,0 +1,153 @@
+"""Drop-in modules: `SparseLIFLinear` (LIF neurons with LocalZO / SparseGrad / surrogate backward)
+and `LeakyReadout` (the non-spiking readout of the paper's networks)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval
+from .distributions import Distribution, resolve
+from .lif import LeakyReadoutFunction, LIFFunction, SpikeRule
+from .scheduler import DEFAULT_SCHEDULER, Scheduler
+
+GRAD_MODES = ("localzo", "sparsegrad", "surrogate")
+PATHS = ("auto", "dense", "sparse")
+
+
+def _check_input(x, in_features: int) -> torch.Tensor:
+    """x must be a finite floating (T, B, in_features) tensor."""
+    float_tensor("x", x, finite=False)
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (T, B, in_features), got {x.dim()} dimensions {tuple(x.shape)}")
+    if x.shape[2] != in_features:
+        raise ValueError(f"x has {x.shape[2]} features, the layer expects in_features={in_features}")
+    # one cheap reduction; the exact elementwise check runs only if the sum is not finite
+    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf")
+    return x
+
+
+class SparseLIFLinear(nn.Module):
+    """Linear synapses into LIF neurons (paper eq. 1) with a layerwise sparse backward.
+
+    Input `(T, B, in_features)` spikes or real values; output `(T, B, out_features)` spikes.
+
+    - `grad`: "localzo" (eq. 7, z drawn in forward), "sparsegrad" (surrogate truncated at B_th,
+      default `backprop_threshold(delta, m)`), "surrogate" (dense expected surrogate).
+    - `path`: "dense" (GEMMs over all entries), "sparse" (active entries only), "auto" (the
+      scheduler decides from the measured activity). Both give the same gradients.
+    - `generator`: the torch.Generator for LocalZO draws (default: torch's global generator).
+
+    `stats` holds, for the last forward: `active_fraction`, `path`, `saved_bytes` (kept for
+    backward), `crossover` and where it came from. Working buffers are cached on the layer between
+    calls (`workspace_bytes`), which keeps large allocations out of every step.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        beta: float,
+        threshold: float = 1.0,
+        grad: str = "localzo",
+        dist: str | Distribution = "normal",
+        delta: float = 0.05,
+        m: int = 1,
+        bth: float | None = None,
+        path: str = "auto",
+        bias: bool = False,
+        scheduler: Scheduler | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
+        self.beta = unit_interval("beta", beta)
+        self.threshold = positive_float("threshold", threshold)
+        grad = choice("grad", grad, GRAD_MODES)
+        self.path = choice("path", path, PATHS)
+        delta = positive_float("delta", delta)
+        m = positive_int("m", m)
+        law = resolve(dist, delta)
+        if bth is None:
+            bth = law.backprop_threshold(delta, m)
+        else:
+            bth = positive_float("bth", bth)
+            if grad != "sparsegrad":
+                raise ValueError(f"bth applies to grad='sparsegrad' only, got grad={grad!r}")
+        self.rule = SpikeRule(grad=grad, law=law, delta=delta, m=m, bth=bth)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.generator = generator
+        self.scheduler = scheduler or DEFAULT_SCHEDULER
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.stats: dict = {}
+        self._workspace: dict[str, torch.Tensor] = {}
+
+    def workspace(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """A float32 buffer of `shape` on the layer's device, reused across calls."""
+        buffer = self._workspace.get(name)
+        if buffer is None or buffer.shape != shape or buffer.device != self.weight.device:
+            buffer = torch.empty(shape, dtype=torch.float32, device=self.weight.device)
+            self._workspace[name] = buffer
+        return buffer
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._workspace.values())
+
+    def choose_path(self, active_fraction: float) -> str:
+        """The forced path, or the scheduler's choice for `active_fraction` on this device."""
+        crossover, source = self.scheduler.crossover(self.weight.device)
+        self.stats.update(crossover=crossover, crossover_source=source)
+        if self.path != "auto":
+            return self.path
+        return self.scheduler.choose(active_fraction, self.weight.device)
+
+    def record(self, *, path: str, active_fraction: float | None, saved_bytes: int) -> None:
+        self.stats.update(path=path, active_fraction=active_fraction, saved_bytes=saved_bytes, backend="torch")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.in_features)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        return LIFFunction.apply(x, self.weight, self.bias, self, self.generator, needs_grad)
+
+    def extra_repr(self) -> str:
+        r = self.rule
+        return (
+            f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}, threshold={self.threshold:g}, "
+            f"grad={r.grad}, dist={r.law.name}, delta={r.delta:g}, m={r.m}, path={self.path}"
+        )
+
+
+class LeakyReadout(nn.Module):
+    """Non-spiking leaky integrator: o[t] = beta o[t-1] + (1 - beta) (W s)[t], o[-1] = 0.
+
+    Input `(T, B, in_features)`, output membrane traces `(T, B, out_features)`; the paper's
+    networks take their max (or sum) over time as logits. Fed by a SparseLIFLinear, it computes
+    the gradient of its input only at that layer's active entries.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, beta: float, bias: bool = False):
+        super().__init__()
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
+        self.beta = unit_interval("beta", beta)
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.in_features)
+        return LeakyReadoutFunction.apply(x, self.weight, self.bias, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}"

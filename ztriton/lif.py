@@ -1,0 +1,366 @@
+"""LIF layer engine: forward recurrence, the active set, and dense and sparse layerwise backward.
+
+Neuron (paper eq. 1, reset held constant in backward):
+
+    u[t] = beta u[t-1] + I[t] - u_th s[t-1],  I[t] = W x[t] (+ b),  s[t] = H(u[t] - u_th).
+
+Unrolled (appendix B.1, eq. 25-26), with the input trace eps[t] = sum_{k<=t} beta^{t-k} x[k] and
+ds = grad_s * g:
+
+    dL/dW = sum_{t,b} ds[t,b,:]^T eps[t,b,:]          (only active entries contribute)
+    dL/dx[k] = D[k] W,  D[k] = sum_{t>=k} beta^{t-k} ds[t]   (a reverse-time filter of ds)
+
+The dense path forms ds on the whole (T, B, N) grid and uses GEMMs; the sparse path touches only
+the active entries (g != 0): the weight gradient gathers the trace at their rows, and where the input
+came from another spiking layer, the input gradient is computed only at that layer's active entries
+(the only places where its g, hence its need for a gradient, is non-zero). The set travels with the
+output spikes as a `SpikeLink`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .distributions import Distribution
+
+#: time steps of input trace held at once by the sparse weight gradient
+TRACE_CHUNK = 64
+#: active entries processed at once when gathering rows (bounds temporary memory)
+GATHER_CHUNK = 16_384
+
+
+@dataclass(frozen=True)
+class SpikeRule:
+    """How g is formed in forward: `grad` is "localzo", "sparsegrad" or "surrogate"."""
+
+    grad: str
+    law: Distribution
+    delta: float
+    m: int
+    bth: float
+
+
+class ActiveSet:
+    """The entries of a (T, B, N) grid with g != 0: flat indices (row-major, so sorted by time) and g."""
+
+    def __init__(self, index: torch.Tensor, grad: torch.Tensor, shape: torch.Size):
+        self.index = index
+        self.grad = grad
+        self.shape = shape
+
+    @property
+    def nnz(self) -> int:
+        return self.index.numel()
+
+    @property
+    def fraction(self) -> float:
+        return self.nnz / max(1, self.shape.numel())
+
+    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, b, n) of every active entry."""
+        _, batch, width = self.shape
+        row, neuron = torch.div(self.index, width, rounding_mode="floor"), self.index % width
+        return torch.div(row, batch, rounding_mode="floor"), row % batch, neuron
+
+    def rows(self) -> torch.Tensor:
+        """Row t * B + b of the flattened (T * B, N) grid for every active entry."""
+        return torch.div(self.index, self.shape[2], rounding_mode="floor")
+
+    def dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """g on the full grid (zero where inactive)."""
+        out = torch.zeros(self.shape, dtype=self.grad.dtype, device=self.grad.device) if out is None else out.zero_()
+        out.view(-1).index_copy_(0, self.index, self.grad)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.grad.numel() * self.grad.element_size()
+
+
+class SpikeLink:
+    """Rides on a layer's output spikes so that a consumer layer computes input gradients sparsely.
+
+    The consumer adds its gradient at the producer's active entries into `received`; the producer's
+    backward reads and clears it.
+    """
+
+    def __init__(self, active: ActiveSet):
+        self.active = active
+        self.received: torch.Tensor | None = None
+
+    def receive(self, values: torch.Tensor) -> None:
+        self.received = values if self.received is None else self.received + values
+
+    def take(self) -> torch.Tensor | None:
+        values, self.received = self.received, None
+        return values
+
+
+LINK_ATTR = "_ztriton_link"
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Backward arithmetic precision: float64 for a float64 layer, float32 otherwise."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def link_of(x: torch.Tensor) -> SpikeLink | None:
+    """The SpikeLink riding on `x` (None for a plain tensor)."""
+    return getattr(x, LINK_ATTR, None)
+
+
+def lif_recurrence(current: torch.Tensor, spikes: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
+    """Run eq. 1 in place: `current` (T, B, N) holds I on entry and v = u - u_th on exit.
+
+    Tracks v directly: v[t] = beta v[t-1] + I[t] - u_th (1 - beta) - u_th s[t-1], v[-1] = -u_th.
+    Writes H(v) into `spikes` and returns `current`.
+    """
+    current.sub_(threshold * (1.0 - beta))
+    steps = current.shape[0]
+    if steps == 0:
+        return current
+    current[0].sub_(beta * threshold)
+    torch.gt(current[0], 0, out=spikes[0])
+    for t in range(1, steps):
+        v = current[t]
+        v.add_(current[t - 1], alpha=beta).sub_(spikes[t - 1], alpha=threshold)
+        torch.gt(v, 0, out=spikes[t])
+    return current
+
+
+def reverse_filter_(ds: torch.Tensor, beta: float) -> torch.Tensor:
+    """In place: D[k] = sum_{t>=k} beta^{t-k} ds[t] along dim 0."""
+    for t in range(ds.shape[0] - 2, -1, -1):
+        ds[t].add_(ds[t + 1], alpha=beta)
+    return ds
+
+
+def forward_filter_(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """In place: eps[t] = sum_{k<=t} beta^{t-k} x[k] along dim 0."""
+    for t in range(1, x.shape[0]):
+        x[t].add_(x[t - 1], alpha=beta)
+    return x
+
+
+def active_set(v: torch.Tensor, rule: SpikeRule, generator: torch.Generator | None, scratch: torch.Tensor) -> ActiveSet:
+    """The entries with g != 0 and their g (float32), for the LocalZO or SparseGrad rule.
+
+    LocalZO draws |z| into `scratch` (same shape as v, float32) exactly as
+    `functional.localzo_grad` does with the same generator state, so both give the same g.
+    `v` is overwritten by |v|.
+    """
+    law, delta = rule.law, rule.delta
+    abs_v = v.abs_()
+    if rule.grad == "sparsegrad":
+        index = torch.nonzero(abs_v.view(-1) < rule.bth).squeeze(1)
+        return ActiveSet(index, law.expected_grad(abs_v.view(-1)[index], delta), v.shape)
+    scale = law.c / (2.0 * delta * rule.m)
+    if rule.m == 1:
+        abs_z = law.sample_abs(v.shape, generator, device=v.device, out=scratch)
+        index = torch.nonzero((abs_v < delta * abs_z).view(-1)).squeeze(1)
+        picked = abs_z.view(-1)[index]
+        weight = picked if law.alpha == 1 else picked.reciprocal()
+        return ActiveSet(index, weight.mul_(scale), v.shape)
+    total = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for _ in range(rule.m):
+        abs_z = law.sample_abs(v.shape, generator, device=v.device, out=scratch)
+        weight = abs_z if law.alpha == 1 else abs_z.reciprocal()
+        total += torch.where(abs_v < delta * abs_z, weight, 0.0)
+    index = torch.nonzero(total.view(-1)).squeeze(1)
+    return ActiveSet(index, total.view(-1)[index].mul_(scale), v.shape)
+
+
+def _active_grad(grad_spikes: torch.Tensor, link: SpikeLink, active: ActiveSet, dtype: torch.dtype) -> torch.Tensor:
+    """ds at the active entries: (dense upstream gradient + gradient received through the link) * g.
+
+    Gathers by coordinates, so a broadcast zero gradient (from `zero_grad_like`) is never materialised.
+    """
+    t, b, n = active.coordinates()
+    values = grad_spikes[t, b, n].to(dtype)
+    received = link.take()
+    if received is not None:
+        values = values + received
+    return values * active.grad.to(dtype)
+
+
+def sparse_weight_grad(
+    ds: torch.Tensor, active: ActiveSet, x: torch.Tensor, beta: float, weight_shape: torch.Size
+) -> torch.Tensor:
+    """dW = sum over active (t, b, i) of ds * eps[t, b, :], the trace built TRACE_CHUNK steps at a time.
+
+    Stops after the last time step that has an active entry.
+    """
+    steps, batch, _ = active.shape
+    grad_w = torch.zeros(weight_shape, dtype=ds.dtype, device=x.device)
+    if active.nnz == 0:
+        return grad_w
+    rows = active.rows()
+    neurons = active.index % active.shape[2]
+    starts = torch.arange(0, steps + TRACE_CHUNK, TRACE_CHUNK, device=x.device)
+    bounds = torch.searchsorted(rows, starts * batch).tolist()
+    trace = torch.empty(TRACE_CHUNK, batch, x.shape[2], dtype=ds.dtype, device=x.device)
+    carry = torch.zeros(batch, x.shape[2], dtype=ds.dtype, device=x.device)
+    flat = trace.view(TRACE_CHUNK * batch, x.shape[2])
+    for chunk, start in enumerate(range(0, steps, TRACE_CHUNK)):
+        first, last = bounds[chunk], bounds[chunk + 1]
+        if first == active.nnz:
+            break
+        length = min(TRACE_CHUNK, steps - start)
+        trace[:length].copy_(x[start : start + length])
+        trace[0].add_(carry, alpha=beta)
+        forward_filter_(trace[:length], beta)
+        carry.copy_(trace[length - 1])
+        for lo in range(first, last, GATHER_CHUNK):
+            hi = min(last, lo + GATHER_CHUNK)
+            picked = flat[rows[lo:hi] - start * batch] * ds[lo:hi, None]
+            grad_w.index_add_(0, neurons[lo:hi], picked)
+    return grad_w
+
+
+def sparse_bias_grad(ds: torch.Tensor, active: ActiveSet, beta: float, n_out: int) -> torch.Tensor:
+    """db = sum over active (t, b, i) of ds * sum_{k<=t} beta^{t-k}."""
+    t, _, neurons = active.coordinates()
+    steps = (t + 1).double()
+    gain = steps if beta == 1.0 else (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), steps)) / (1.0 - beta)
+    grad_b = torch.zeros(n_out, dtype=ds.dtype, device=ds.device)
+    return grad_b.index_add_(0, neurons, ds * gain.to(ds.dtype))
+
+
+def filtered_grad(ds: torch.Tensor, active: ActiveSet, beta: float) -> torch.Tensor:
+    """D = reverse-time filter of ds scattered on the full (T, B, N) grid."""
+    dense = torch.zeros(active.shape, dtype=ds.dtype, device=ds.device)
+    dense.view(-1).index_copy_(0, active.index, ds)
+    return reverse_filter_(dense, beta)
+
+
+def input_grad_at(filtered: torch.Tensor, weight: torch.Tensor, targets: ActiveSet) -> torch.Tensor:
+    """dL/dx only at `targets` (entries of the input grid): D[t, b, :] . W[:, j] for each (t, b, j)."""
+    width = filtered.shape[2]
+    flat = filtered.view(-1, width)
+    weight_t = weight.t().to(filtered.dtype)
+    rows = targets.rows()
+    inputs = targets.index % targets.shape[2]
+    out = torch.empty(targets.nnz, dtype=filtered.dtype, device=filtered.device)
+    for lo in range(0, targets.nnz, GATHER_CHUNK):
+        hi = min(targets.nnz, lo + GATHER_CHUNK)
+        out[lo:hi] = (flat[rows[lo:hi]] * weight_t[inputs[lo:hi]]).sum(1)
+    return out
+
+
+def zero_grad_like(x: torch.Tensor) -> torch.Tensor:
+    """A zero gradient for `x` that costs no memory (a broadcast scalar)."""
+    return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+
+
+class LIFFunction(torch.autograd.Function):
+    """Autograd function of SparseLIFLinear: forward recurrence with g, dense or sparse backward.
+
+    forward(x, weight, bias, layer, generator, needs_grad) -> spikes; with `needs_grad` False
+    (inference, e.g. under torch.no_grad) no g is formed and nothing is kept. `layer` supplies the hyper-parameters
+    (`beta`, `threshold`, `rule`), chooses the path from the measured activity (`choose_path`) and
+    records its stats (`record`). The output carries a SpikeLink to the active set.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, generator, needs_grad):
+        current = torch.matmul(x.to(weight.dtype), weight.t())
+        if bias is not None:
+            current += bias
+        spikes = torch.empty_like(current)
+        v = lif_recurrence(current, spikes, layer.beta, layer.threshold)
+        if not needs_grad:
+            layer.record(path="none", active_fraction=None, saved_bytes=0)
+            return spikes
+        rule = layer.rule
+        if rule.grad == "surrogate":
+            g = rule.law.expected_grad(v, rule.delta).to(compute_dtype(weight))
+            active, fraction = None, float(torch.count_nonzero(g)) / max(1, g.numel())
+        else:
+            active = active_set(v, rule, generator, layer.workspace("noise", v.shape))
+            g, fraction = None, active.fraction
+        path = layer.choose_path(fraction)
+        if path == "dense" and g is None:
+            g = active.dense().to(compute_dtype(weight))
+        if path == "sparse" and active is None:
+            index = torch.nonzero(g.view(-1)).squeeze(1)
+            active, g = ActiveSet(index, g.view(-1)[index], g.shape), None
+        ctx.beta, ctx.path, ctx.has_bias = layer.beta, path, bias is not None
+        ctx.upstream = link_of(x)
+        ctx.link = SpikeLink(active) if active is not None else None
+        ctx.save_for_backward(x, weight, g)
+        saved = active.nbytes if path == "sparse" else g.numel() * g.element_size()
+        layer.record(path=path, active_fraction=fraction, saved_bytes=saved)
+        if ctx.link is not None:
+            setattr(spikes, LINK_ATTR, ctx.link)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        x, weight, g = ctx.saved_tensors
+        beta, link, need_x = ctx.beta, ctx.link, ctx.needs_input_grad[0]
+        dtype = compute_dtype(weight)
+        grad_x = grad_b = filtered = None
+        if ctx.path == "dense":
+            ds = grad_spikes.to(dtype) * g
+            received = link.take() if link is not None else None
+            if received is not None:
+                ds.view(-1).index_add_(0, link.active.index, received * link.active.grad.to(dtype))
+            filtered = reverse_filter_(ds, beta)
+            flat = filtered.view(-1, filtered.shape[2])
+            grad_w = flat.t().matmul(x.reshape(-1, x.shape[2]).to(dtype))
+            if ctx.has_bias:
+                grad_b = flat.sum(0)
+        else:
+            active = link.active
+            ds = _active_grad(grad_spikes, link, active, dtype)
+            grad_w = sparse_weight_grad(ds, active, x, beta, weight.shape)
+            if ctx.has_bias:
+                grad_b = sparse_bias_grad(ds, active, beta, weight.shape[0])
+            if need_x:
+                filtered = filtered_grad(ds, active, beta)
+        if need_x:
+            if ctx.upstream is not None:
+                ctx.upstream.receive(input_grad_at(filtered, weight, ctx.upstream.active))
+                grad_x = zero_grad_like(x)
+            else:
+                grad_x = filtered.view(-1, filtered.shape[2]).matmul(weight.to(dtype)).view(x.shape).to(x.dtype)
+        grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class LeakyReadoutFunction(torch.autograd.Function):
+    """o[t] = beta o[t-1] + (1 - beta) (W s[t] + b); backward by the reverse-time filter.
+
+    When `s` carries a SpikeLink, the gradient for `s` is computed only at the producer's active entries.
+    """
+
+    @staticmethod
+    def forward(ctx, spikes, weight, bias, beta):
+        current = torch.matmul(spikes.to(weight.dtype), weight.t())
+        if bias is not None:
+            current += bias
+        out = forward_filter_(current.mul_(1.0 - beta), beta)
+        ctx.beta, ctx.has_bias, ctx.upstream = beta, bias is not None, link_of(spikes)
+        ctx.save_for_backward(spikes, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        spikes, weight = ctx.saved_tensors
+        dtype = compute_dtype(weight)
+        filtered = reverse_filter_(grad_out.to(dtype, copy=True), ctx.beta).mul_(1.0 - ctx.beta)
+        flat = filtered.view(-1, filtered.shape[2])
+        grad_w = flat.t().matmul(spikes.reshape(-1, spikes.shape[2]).to(dtype)).to(weight.dtype)
+        grad_b = flat.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_s = None
+        if ctx.needs_input_grad[0]:
+            if ctx.upstream is not None:
+                ctx.upstream.receive(input_grad_at(filtered, weight, ctx.upstream.active))
+                grad_s = zero_grad_like(spikes)
+            else:
+                grad_s = flat.matmul(weight.to(dtype)).view(spikes.shape).to(spikes.dtype)
+        return grad_s, grad_w, grad_b, None
