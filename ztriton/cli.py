@@ -1,37 +1,80 @@
-"""Command-line interface: `ztriton demo` shows the LocalZO estimate against its expected surrogate."""
+"""Command line: `ztriton train` (the paper's networks) and `ztriton calibrate` (the scheduler's crossover)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
 
-import torch
-
-from .distributions import DISTRIBUTIONS, resolve
-from .functional import localzo_grad
+from .data import DataError
+from .train import PRESETS, Config, train
 
 
-def _demo(args: argparse.Namespace) -> int:
-    gen = torch.Generator().manual_seed(args.seed)
-    print(f"{'dist':>13} {'B_th/delta':>10} {'active %':>9} {'max |mean-E[g]|':>16}")
-    for name in DISTRIBUTIONS:
-        law = resolve(name, args.delta)
-        v = args.delta * torch.linspace(-3.0, 3.0, 61)
-        g = localzo_grad(v.expand(args.draws, -1).contiguous(), args.delta, 1, law, gen)
-        error = (g.double().mean(0) - law.expected_grad(v.double(), args.delta)).abs().max()
-        activity = (localzo_grad(torch.randn(args.draws, 61, generator=gen) * 0.5, args.delta, 1, law, gen) != 0)
-        print(
-            f"{name:>13} {law.backprop_threshold(args.delta) / args.delta:10.4f} "
-            f"{100 * activity.float().mean():9.3f} {float(error):16.4f}"
-        )
+def _train(args) -> int:
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "checkpoint.pt").exists():
+            raise DataError(f"--resume {run_dir}: no checkpoint.pt there")
+    else:
+        run_dir = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if run_dir.exists():
+            raise DataError(f"--out {run_dir} exists already; choose another folder (nothing was written)")
+    summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    print(f"\n{'metric':<22}value")
+    for key, value in summary.items():
+        text = f"{100 * value:.2f} %" if key.endswith("accuracy") and value is not None else value
+        if key == "active_fraction" and value:
+            text = ", ".join(f"{100 * a:.3f} %" for a in value)
+        if key.endswith("speedup") and value:
+            text = f"{value:.2f}x"
+        print(f"{key:<22}{text}")
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .scheduler import calibrate, calibration_file
+
+    entry = calibrate(args.device, steps=args.steps, batch=args.batch)
+    for fraction, dense, sparse in zip(entry["fractions"], entry["dense_s"], entry["sparse_s"]):
+        print(f"active {100 * fraction:7.3f} %   dense {1e3 * dense:8.1f} ms   sparse {1e3 * sparse:8.1f} ms")
+    print(f"crossover {100 * entry['crossover']:.2f} % written to {calibration_file()}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ztriton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compare LocalZO estimates with their expected surrogates")
-    demo.add_argument("--delta", type=float, default=0.05)
-    demo.add_argument("--draws", type=int, default=20_000)
-    demo.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="train a fully connected SNN (default: mnist5k, no download)")
+    t.add_argument("--dataset", choices=sorted(PRESETS), default="mnist5k")
+    t.add_argument("--data-dir", default="data")
+    t.add_argument("--grad", choices=["localzo", "sparsegrad", "surrogate"], default="localzo")
+    t.add_argument("--dist", choices=["normal", "uniform", "laplace", "sigmoid", "fast_sigmoid"], default="normal")
+    t.add_argument("--delta", type=float, default=0.05)
+    t.add_argument("--m", type=int, default=1)
+    t.add_argument("--bth", type=float, default=None)
+    t.add_argument("--path", choices=["auto", "dense", "sparse"], default="auto")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=None, help="default: the dataset preset")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--hidden", type=int, nargs="+", default=[200, 200])
+    t.add_argument("--steps", type=int, default=None, help="time steps T (default: the dataset preset)")
+    t.add_argument("--compare-every", type=int, default=10, help="time sparse vs dense every K steps (0: never)")
+    t.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<timestamp>)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR")
+    t.add_argument("--no-progress", action="store_true")
+    c = sub.add_parser("calibrate", help="measure the dense/sparse crossover of this device for path='auto'")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--steps", type=int, default=100)
+    c.add_argument("--batch", type=int, default=64)
     args = parser.parse_args(argv)
-    return _demo(args)
+    try:
+        return _train(args) if args.command == "train" else _calibrate(args)
+    except (DataError, ValueError, TypeError) as err:
+        print(f"ztriton: error: {err}", file=sys.stderr)
+        return 2

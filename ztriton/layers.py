@@ -90,11 +90,11 @@ class SparseLIFLinear(nn.Module):
         self.stats: dict = {}
         self._workspace: dict[str, torch.Tensor] = {}
 
-    def workspace(self, name: str, shape: torch.Size) -> torch.Tensor:
-        """A float32 buffer of `shape` on the layer's device, reused across calls."""
+    def workspace(self, name: str, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A buffer of `shape` and `dtype` on the layer's device, reused across calls."""
         buffer = self._workspace.get(name)
-        if buffer is None or buffer.shape != shape or buffer.device != self.weight.device:
-            buffer = torch.empty(shape, dtype=torch.float32, device=self.weight.device)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != self.weight.device:
+            buffer = torch.empty(shape, dtype=dtype, device=self.weight.device)
             self._workspace[name] = buffer
         return buffer
 

@@ -27,8 +27,9 @@ from .distributions import Distribution
 
 #: time steps of input trace held at once by the sparse weight gradient
 TRACE_CHUNK = 64
-#: active entries processed at once when gathering rows (bounds temporary memory)
-GATHER_CHUNK = 16_384
+#: active entries processed at once when gathering rows: small enough that the gathered block stays
+#: in cache (on a 2-core CPU, 2,048 rows run 12x faster than 16,384 for a 700-wide trace)
+GATHER_CHUNK = 2_048
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,14 @@ def forward_filter_(x: torch.Tensor, beta: float) -> torch.Tensor:
     return x
 
 
-def active_set(v: torch.Tensor, rule: SpikeRule, generator: torch.Generator | None, scratch: torch.Tensor) -> ActiveSet:
-    """The entries with g != 0 and their g (float32), for the LocalZO or SparseGrad rule.
+def active_set(
+    v: torch.Tensor, rule: SpikeRule, generator: torch.Generator | None, scratch: torch.Tensor, mask: torch.Tensor
+) -> ActiveSet:
+    """The entries with g != 0 and their g, for the LocalZO or SparseGrad rule.
 
-    LocalZO draws |z| into `scratch` (same shape as v, float32) exactly as
-    `functional.localzo_grad` does with the same generator state, so both give the same g.
-    `v` is overwritten by |v|.
+    LocalZO draws |z| into `scratch` (float32, v's shape) exactly as `functional.localzo_grad` does
+    with the same generator state, so both give the same active set and g (to rounding); `mask`
+    is a bool buffer of v's shape. `v` is overwritten by |v|.
     """
     law, delta = rule.law, rule.delta
     abs_v = v.abs_()
@@ -158,9 +161,9 @@ def active_set(v: torch.Tensor, rule: SpikeRule, generator: torch.Generator | No
         return ActiveSet(index, law.expected_grad(abs_v.view(-1)[index], delta), v.shape)
     scale = law.c / (2.0 * delta * rule.m)
     if rule.m == 1:
-        abs_z = law.sample_abs(v.shape, generator, device=v.device, out=scratch)
-        index = torch.nonzero((abs_v < delta * abs_z).view(-1)).squeeze(1)
-        picked = abs_z.view(-1)[index]
+        reach = law.sample_abs(v.shape, generator, device=v.device, out=scratch).mul_(delta)  # delta |z|
+        index = torch.nonzero(torch.lt(abs_v, reach, out=mask).view(-1)).squeeze(1)
+        picked = reach.view(-1)[index].div_(delta)
         weight = picked if law.alpha == 1 else picked.reciprocal()
         return ActiveSet(index, weight.mul_(scale), v.shape)
     total = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -203,6 +206,7 @@ def sparse_weight_grad(
     trace = torch.empty(TRACE_CHUNK, batch, x.shape[2], dtype=ds.dtype, device=x.device)
     carry = torch.zeros(batch, x.shape[2], dtype=ds.dtype, device=x.device)
     flat = trace.view(TRACE_CHUNK * batch, x.shape[2])
+    block = torch.empty(GATHER_CHUNK, x.shape[2], dtype=ds.dtype, device=x.device)
     for chunk, start in enumerate(range(0, steps, TRACE_CHUNK)):
         first, last = bounds[chunk], bounds[chunk + 1]
         if first == active.nnz:
@@ -214,8 +218,8 @@ def sparse_weight_grad(
         carry.copy_(trace[length - 1])
         for lo in range(first, last, GATHER_CHUNK):
             hi = min(last, lo + GATHER_CHUNK)
-            picked = flat[rows[lo:hi] - start * batch] * ds[lo:hi, None]
-            grad_w.index_add_(0, neurons[lo:hi], picked)
+            picked = torch.index_select(flat, 0, rows[lo:hi] - start * batch, out=block[: hi - lo])
+            grad_w.index_add_(0, neurons[lo:hi], picked.mul_(ds[lo:hi, None]))
     return grad_w
 
 
@@ -243,9 +247,13 @@ def input_grad_at(filtered: torch.Tensor, weight: torch.Tensor, targets: ActiveS
     rows = targets.rows()
     inputs = targets.index % targets.shape[2]
     out = torch.empty(targets.nnz, dtype=filtered.dtype, device=filtered.device)
+    block = torch.empty(GATHER_CHUNK, width, dtype=filtered.dtype, device=filtered.device)
+    columns = torch.empty_like(block)
     for lo in range(0, targets.nnz, GATHER_CHUNK):
         hi = min(targets.nnz, lo + GATHER_CHUNK)
-        out[lo:hi] = (flat[rows[lo:hi]] * weight_t[inputs[lo:hi]]).sum(1)
+        picked = torch.index_select(flat, 0, rows[lo:hi], out=block[: hi - lo])
+        picked.mul_(torch.index_select(weight_t, 0, inputs[lo:hi], out=columns[: hi - lo]))
+        torch.sum(picked, 1, out=out[lo:hi])
     return out
 
 
@@ -278,7 +286,8 @@ class LIFFunction(torch.autograd.Function):
             g = rule.law.expected_grad(v, rule.delta).to(compute_dtype(weight))
             active, fraction = None, float(torch.count_nonzero(g)) / max(1, g.numel())
         else:
-            active = active_set(v, rule, generator, layer.workspace("noise", v.shape))
+            noise, mask = layer.workspace("noise", v.shape), layer.workspace("mask", v.shape, torch.bool)
+            active = active_set(v, rule, generator, noise, mask)
             g, fraction = None, active.fraction
         path = layer.choose_path(fraction)
         if path == "dense" and g is None:

