@@ -1,0 +1,125 @@
+"""Training application: latency code, idx reader, a few training steps, resume, error paths."""
+
+import gzip
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ztriton.cli import main
+from ztriton.data import DataError, SpikeTimeDataset, latency_times, load_fmnist, read_idx, stratified_split
+from ztriton.train import Config, train
+
+
+def test_latency_code_matches_hand_computed_times():
+    pixels = torch.tensor([[0.0, 0.2, 0.21, 0.5, 1.0]])
+    # 20 ln(x / (x - 0.2)): 0.21 -> 60.9 -> 60; 0.5 -> 10.2 -> 10; 1.0 -> 4.46 -> 4
+    assert latency_times(pixels, 100).tolist() == [[-1, -1, 60, 10, 4]]
+    assert latency_times(pixels, 50).tolist() == [[-1, -1, -1, 10, 4]]  # times >= T are dropped
+    with pytest.raises(ValueError, match=r"pixels must lie in \[0, 1\]"):
+        latency_times(torch.tensor([1.5]), 10)
+
+
+def test_batches_put_one_spike_at_each_time():
+    data = SpikeTimeDataset(torch.tensor([[2, -1, 0], [1, 1, -1]]), torch.tensor([3, 4]), steps=4, classes=5)
+    x, y = data.batch(torch.tensor([1, 0]))
+    assert x.shape == (4, 2, 3) and y.tolist() == [4, 3]
+    assert torch.nonzero(x).tolist() == [[0, 1, 2], [1, 0, 0], [1, 0, 1], [2, 1, 0]]
+
+
+def test_stratified_split_keeps_class_balance():
+    labels = np.repeat(np.arange(10), 50)
+    train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
+    assert len(set(train_idx) | set(test_idx)) == 500 and not set(train_idx) & set(test_idx)
+    assert np.bincount(labels[test_idx]).tolist() == [10] * 10
+
+
+def _write_idx(path, array, magic, compress=False):
+    header = struct.pack(">II", magic, array.shape[0]) + b"".join(struct.pack(">I", d) for d in array.shape[1:])
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+def test_fmnist_idx_files_are_read_and_coded(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 28, 28))
+    labels = np.arange(6) % 10
+    _write_idx(tmp_path / "train-images-idx3-ubyte", images, 2051)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", labels, 2049)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images[:2], 2051, compress=True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:2], 2049, compress=True)
+    train_set, test_set = load_fmnist(tmp_path, steps=100)
+    assert len(train_set) == 6 and len(test_set) == 2 and train_set.inputs == 784
+    expected = latency_times(torch.from_numpy(images.reshape(6, -1) / 255.0), 100)
+    assert torch.equal(train_set.times, expected)
+    assert np.array_equal(read_idx(tmp_path / "train-labels-idx1-ubyte"), labels)
+
+
+def test_corrupt_and_missing_idx_files(tmp_path):
+    (tmp_path / "bad").write_bytes(struct.pack(">II", 1234, 1) + b"\0")
+    with pytest.raises(DataError, match="bad idx magic 1234"):
+        read_idx(tmp_path / "bad")
+    _write_idx(tmp_path / "short", np.zeros((4, 2, 2)), 2051)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-3])
+    with pytest.raises(DataError, match="expected 16 bytes of data, found 13"):
+        read_idx(tmp_path / "short")
+    with pytest.raises(DataError, match="Fashion-MNIST file train-images-idx3-ubyte"):
+        load_fmnist(tmp_path / "nowhere", 100)
+
+
+def _small(**kw):
+    return Config(epochs=2, hidden=[40], steps=30, batch_size=128, compare_every=3, **kw)
+
+
+def test_training_lowers_the_loss_and_reports_speed(tmp_path, monkeypatch):
+    monkeypatch.setattr("ztriton.train.load_data", _tiny_data)
+    summary = train(_small(lr=5e-3), tmp_path / "run", progress=False)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 2 and epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    assert summary["backward_speedup"] > 0 and 0 <= summary["active_fraction"][0] <= 1
+    assert 0 <= summary["test_accuracy"] <= 1
+    assert (tmp_path / "run" / "training.png").stat().st_size > 0
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr("ztriton.train.load_data", _tiny_data)
+    cfg = _small(lr=5e-3)
+    full = train(cfg, tmp_path / "full", progress=False)
+    cfg.epochs = 1
+    train(cfg, tmp_path / "part", progress=False)
+    cfg.epochs = 2
+    resumed = train(cfg, tmp_path / "part", resume=True, progress=False)
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    lines = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("full", "part")]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.endswith(("_s", "speedup"))}  # noqa: E731
+    assert [strip(line) for line in lines[0]] == [strip(line) for line in lines[1]]
+    cfg.lr = 1.0
+    with pytest.raises(ValueError, match="was written with another configuration"):
+        train(cfg, tmp_path / "part", resume=True, progress=False)
+
+
+def _tiny_data(cfg):
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    times = torch.full((300, 20), -1, dtype=torch.int64)
+    for cls in range(3):  # each class fires its own inputs early
+        rows = labels == cls
+        times[rows, cls * 6 : cls * 6 + 6] = torch.randint(0, 10, (int(rows.sum()), 6), generator=gen)
+    noise = torch.rand(300, 20, generator=gen) < 0.1
+    times[noise] = torch.randint(0, cfg.steps, (int(noise.sum()),), generator=gen)
+    return SpikeTimeDataset(times[:240], labels[:240], cfg.steps, 3), SpikeTimeDataset(times[240:], labels[240:], cfg.steps, 3)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "--dataset", "fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "Fashion-MNIST file train-images-idx3-ubyte" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "taken").mkdir()
+    assert main(["train", "--out", str(tmp_path / "taken")]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "none")]) == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "cifar"])
