@@ -10,7 +10,7 @@ from torch import nn
 
 from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval
 from .distributions import Distribution, resolve
-from .lif import LeakyReadoutFunction, LIFFunction, SpikeRule
+from .lif import LeakyReadoutFunction, LIFFunction, SpikeRule, Workspace
 from .scheduler import DEFAULT_SCHEDULER, Scheduler
 
 GRAD_MODES = ("localzo", "sparsegrad", "surrogate")
@@ -88,19 +88,12 @@ class SparseLIFLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.stats: dict = {}
-        self._workspace: dict[str, torch.Tensor] = {}
-
-    def workspace(self, name: str, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A buffer of `shape` and `dtype` on the layer's device, reused across calls."""
-        buffer = self._workspace.get(name)
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != self.weight.device:
-            buffer = torch.empty(shape, dtype=dtype, device=self.weight.device)
-            self._workspace[name] = buffer
-        return buffer
+        self.workspace = Workspace()
 
     @property
     def workspace_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._workspace.values())
+        """Bytes of the working buffers cached on the layer between calls."""
+        return self.workspace.nbytes
 
     def choose_path(self, active_fraction: float) -> str:
         """The forced path, or the scheduler's choice for `active_fraction` on this device."""
