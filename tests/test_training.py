@@ -123,3 +123,93 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "none")]) == 2
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "cifar"])
+
+
+def _write_shd(root, split, samples):
+    import h5py
+
+    folder = root / "SHD"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"shd_{split}.h5.zip").write_bytes(b"")
+    with h5py.File(folder / f"shd_{split}.h5", "w") as f:
+        times = f.create_dataset("spikes/times", (len(samples),), dtype=h5py.vlen_dtype(np.float16))
+        units = f.create_dataset("spikes/units", (len(samples),), dtype=h5py.vlen_dtype(np.uint16))
+        for i, (t, u, _) in enumerate(samples):
+            times[i] = np.asarray(t, dtype=np.float16)
+            units[i] = np.asarray(u, dtype=np.uint16)
+        f["labels"] = np.asarray([label for _, _, label in samples], dtype=np.uint16)
+        f["extra/keys"] = np.asarray([b"zero", b"one"])
+        f["extra/speaker"] = np.zeros(len(samples), dtype=np.uint16)
+
+
+def test_shd_events_are_binned_on_a_fixed_grid(tmp_path):
+    from ztriton.data import load_shd
+
+    # times in seconds; dt = 2 ms: 0.0005 -> bin 0, 0.0031 -> bin 1, 0.0032 (same unit) -> bin 1 again
+    # (clamped to one spike), 0.5 -> bin 250 >= T = 10 (dropped)
+    samples = [([0.0005, 0.0031, 0.0032, 0.5], [3, 699, 699, 5], 7), ([0.019], [0], 19)]
+    _write_shd(tmp_path, "train", samples)
+    _write_shd(tmp_path, "test", samples[:1])
+    train_set, test_set = load_shd(tmp_path, steps=10, dt_ms=2.0)
+    assert len(train_set) == 2 and len(test_set) == 1 and train_set.inputs == 700
+    x, y = train_set.batch(torch.tensor([0, 1]))
+    assert y.tolist() == [7, 19] and x.shape == (10, 2, 700)
+    # float16 rounds 0.019 s to 0.01900 -> bin 9
+    assert torch.nonzero(x).tolist() == [[0, 0, 3], [1, 0, 699], [9, 1, 0]]
+    assert (tmp_path / "ztriton-cache").is_dir()
+    again, _ = load_shd(tmp_path, steps=10, dt_ms=2.0)  # from the decoded cache
+    assert torch.equal(again.batch(torch.tensor([0, 1]))[0], x)
+
+
+def test_shd_missing_and_corrupt_files(tmp_path):
+    from ztriton.data import load_shd
+
+    with pytest.raises(DataError, match="SHD file .*shd_train.h5 is missing"):
+        load_shd(tmp_path, 10, 2.0)
+    _write_shd(tmp_path, "train", [([0.001], [1], 0)])
+    _write_shd(tmp_path, "test", [([0.001], [1], 0)])
+    data = (tmp_path / "SHD" / "shd_train.h5").read_bytes()
+    (tmp_path / "SHD" / "shd_train.h5").write_bytes(data[: len(data) // 3])
+    with pytest.raises(DataError, match="unreadable SHD file"):
+        load_shd(tmp_path, 10, 2.0)
+
+
+def _nmnist_bin(events):
+    out = bytearray()
+    for x, y, p, ts in events:
+        out += bytes([x, y, (p << 7) | ((ts >> 16) & 127), (ts >> 8) & 255, ts & 255])
+    return bytes(out)
+
+
+def test_nmnist_polarities_merge_into_1156_inputs(tmp_path):
+    from ztriton.data import load_nmnist
+
+    for folder, zip_name in (("Train", "train.zip"), ("Test", "test.zip")):
+        base = tmp_path / "NMNIST"
+        (base / folder / "3").mkdir(parents=True)
+        (base / zip_name).write_bytes(b"")
+        # (x, y, polarity, microseconds): both polarities of pixel (2, 1) in bin 0 -> one input spike
+        events = [(2, 1, 0, 100), (2, 1, 1, 900), (33, 33, 1, 2500), (0, 0, 0, 400_000)]
+        (base / folder / "3" / "00001.bin").write_bytes(_nmnist_bin(events))
+    train_set, test_set = load_nmnist(tmp_path, steps=5, dt_ms=1.0, min_files=1)
+    x, y = train_set.batch(torch.tensor([0]))
+    assert y.tolist() == [3] and x.shape == (5, 1, 1156)
+    assert torch.nonzero(x).tolist() == [[0, 0, 2 + 34 * 1], [2, 0, 33 + 34 * 33]]
+
+
+def test_nmnist_missing_files(tmp_path):
+    from ztriton.data import load_nmnist
+
+    with pytest.raises(DataError, match="N-MNIST files missing: place train.zip"):
+        load_nmnist(tmp_path, 5, 1.0)
+
+
+def test_cli_resume_continues_a_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("ztriton.train.load_data", _tiny_data)
+    run = tmp_path / "run"
+    base = ["train", "--hidden", "40", "--steps", "30", "--compare-every", "0", "--no-progress", "--lr", "0.005"]
+    assert main(base + ["--epochs", "1", "--out", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2

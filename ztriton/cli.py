@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import fields
@@ -13,11 +14,16 @@ from .train import PRESETS, Config, train
 
 
 def _train(args) -> int:
-    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    cfg = Config(**given)
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "checkpoint.pt").exists():
-            raise DataError(f"--resume {run_dir}: no checkpoint.pt there")
+        if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.json").exists():
+            raise DataError(f"--resume {run_dir}: no checkpoint.pt and config.json there")
+        # the run's own configuration; only --epochs may extend it
+        cfg = Config(**json.loads((run_dir / "config.json").read_text()))
+        if args.epochs is not None:
+            cfg.epochs = args.epochs
     else:
         run_dir = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if run_dir.exists():
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--m", type=int, default=1)
     t.add_argument("--bth", type=float, default=None)
     t.add_argument("--path", choices=["auto", "dense", "sparse"], default="auto")
-    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--epochs", type=int, default=None, help="default 20")
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--lr", type=float, default=None, help="default: the dataset preset")
     t.add_argument("--seed", type=int, default=0)

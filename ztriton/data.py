@@ -137,3 +137,121 @@ def load_fmnist(root: Path, steps: int) -> tuple[SpikeTimeDataset, SpikeTimeData
         times = latency_times(torch.from_numpy(images.reshape(len(images), -1) / 255.0), steps)
         splits.append(SpikeTimeDataset(times, torch.from_numpy(labels.astype(np.int64)), steps, 10))
     return splits[0], splits[1]
+
+
+class EventDataset:
+    """Binned event samples: for each sample the (time bin, input unit) pairs that hold >= 1 event.
+
+    Counts are clamped to 1 (a bin holds a spike or not). Stored flat with offsets so a whole
+    split stays in memory, decoded once.
+    """
+
+    def __init__(self, bins: np.ndarray, units: np.ndarray, offsets: np.ndarray, labels: np.ndarray,
+                 steps: int, inputs: int, classes: int):
+        self.bins, self.units, self.offsets = bins, units, offsets
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.steps, self.inputs, self.classes = steps, inputs, classes
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spikes = torch.zeros(self.steps, index.numel(), self.inputs)
+        for column, sample in enumerate(index.tolist()):
+            lo, hi = self.offsets[sample], self.offsets[sample + 1]
+            spikes[torch.from_numpy(self.bins[lo:hi]).long(), column, torch.from_numpy(self.units[lo:hi]).long()] = 1.0
+        return spikes, self.labels[index]
+
+
+def bin_events(times_us: np.ndarray, units: np.ndarray, dt_ms: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (bin, unit) pairs on the fixed grid bin = floor(t / dt), keeping bins < steps."""
+    bins = np.floor(np.asarray(times_us, dtype=np.float64) / (dt_ms * 1000.0)).astype(np.int64)
+    keep = (bins >= 0) & (bins < steps)
+    pairs = np.unique(bins[keep] * 1_000_000 + np.asarray(units, dtype=np.int64)[keep])
+    return (pairs // 1_000_000).astype(np.int16), (pairs % 1_000_000).astype(np.int16)
+
+
+def _decode(dataset, to_units, dt_ms: float, steps: int, inputs: int, classes: int) -> EventDataset:
+    all_bins, all_units, offsets, labels = [], [], [0], []
+    for i in range(len(dataset)):
+        events, label = dataset[i]
+        bins, units = bin_events(events["t"], to_units(events), dt_ms, steps)
+        all_bins.append(bins)
+        all_units.append(units)
+        offsets.append(offsets[-1] + bins.size)
+        labels.append(int(label))
+    return EventDataset(
+        np.concatenate(all_bins) if all_bins else np.zeros(0, np.int16),
+        np.concatenate(all_units) if all_units else np.zeros(0, np.int16),
+        np.asarray(offsets, dtype=np.int64), np.asarray(labels), steps, inputs, classes,
+    )
+
+
+def _cached(root: Path, key: str, build) -> EventDataset:
+    """Load the decoded split from root/ztriton-cache/<key>.npz, building and saving it once."""
+    path = root / "ztriton-cache" / f"{key}.npz"
+    if path.exists():
+        z = np.load(path)
+        meta = z["meta"].tolist()
+        return EventDataset(z["bins"], z["units"], z["offsets"], z["labels"], *meta)
+    data = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, bins=data.bins, units=data.units, offsets=data.offsets, labels=data.labels.numpy(),
+             meta=np.asarray([data.steps, data.inputs, data.classes]))
+    tmp.replace(path)
+    return data
+
+
+def load_shd(root: Path, steps: int, dt_ms: float) -> tuple[EventDataset, EventDataset]:
+    """Spiking Heidelberg Digits through tonic (700 units, 20 classes) from root/SHD/."""
+    import tonic
+
+    root = Path(root)
+    splits = []
+    for train in (True, False):
+        name = "shd_train.h5" if train else "shd_test.h5"
+        for needed in (root / "SHD" / name, root / "SHD" / f"{name}.zip"):
+            if not needed.exists():
+                raise DataError(
+                    f"SHD file {needed} is missing; place shd_train.h5, shd_test.h5 and their .zip "
+                    f"archives in {root / 'SHD'} (or run once with a network connection)"
+                )
+        try:
+            dataset = tonic.datasets.SHD(str(root), train=train)
+            build = lambda: _decode(dataset, lambda e: e["x"], dt_ms, steps, 700, 20)  # noqa: E731
+            splits.append(_cached(root, f"shd-{'train' if train else 'test'}-T{steps}-dt{dt_ms:g}", build))
+        except (OSError, KeyError, ValueError) as err:  # h5py reports truncated or corrupt files as OSError
+            raise DataError(f"{root / 'SHD' / name}: unreadable SHD file ({err})") from None
+    return splits[0], splits[1]
+
+
+def nmnist_class(min_files: int = 10_000):
+    """tonic's NMNIST, with the existence check asking for `min_files` .bin files (10,000 in tonic)."""
+    import tonic
+
+    class NMNISTFolder(tonic.datasets.NMNIST):
+        def _check_exists(self) -> bool:
+            return self._is_file_present() and self._folder_contains_at_least_n_files_of_type(min_files, ".bin")
+
+    NMNISTFolder.__name__ = "NMNIST"  # tonic stores files under <save_to>/<class name>/
+    return NMNISTFolder
+
+
+def load_nmnist(root: Path, steps: int, dt_ms: float, min_files: int = 10_000) -> tuple[EventDataset, EventDataset]:
+    """N-MNIST through tonic from root/NMNIST/; polarities merged into 34 x 34 = 1156 inputs."""
+    root = Path(root)
+    splits = []
+    for train, zip_name, folder in ((True, "train.zip", "Train"), (False, "test.zip", "Test")):
+        base = root / "NMNIST"
+        if not (base / zip_name).exists() or not any((base / folder).glob("*/*.bin")):
+            raise DataError(
+                f"N-MNIST files missing: place {zip_name} and the extracted {folder}/<digit>/*.bin files in {base}"
+            )
+        try:
+            dataset = nmnist_class(min_files)(str(root), train=train)
+        except RuntimeError as err:  # tonic tried to download
+            raise DataError(f"N-MNIST in {base}: incomplete ({err})") from None
+        build = lambda: _decode(dataset, lambda e: e["x"] + 34 * e["y"], dt_ms, steps, 1156, 10)  # noqa: E731
+        splits.append(_cached(root, f"nmnist-{'train' if train else 'test'}-T{steps}-dt{dt_ms:g}", build))
+    return splits[0], splits[1]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import DataError, load_fmnist, load_mnist5k
+from .data import DataError, load_fmnist, load_mnist5k, load_nmnist, load_shd
 from .layers import LeakyReadout, SparseLIFLinear
 
 PRESETS = {
@@ -30,6 +30,10 @@ PRESETS = {
                     init="normal", init_gain=5.0),
     "fmnist": dict(steps=100, beta=math.exp(-0.1), readout_beta=math.exp(-0.1), readout="max", lr=2e-4,
                    init="normal", init_gain=1.0),
+    "nmnist": dict(steps=300, dt_ms=1.0, beta=math.exp(-0.1), readout_beta=math.exp(-0.1), readout="max",
+                   lr=2e-4, init="uniform", init_gain=1.0),
+    "shd": dict(steps=500, dt_ms=2.0, beta=math.exp(-0.2), readout_beta=math.exp(-0.1), readout="sum",
+                lr=1e-3, init="uniform", init_gain=1.0, f_up=10.0),
 }
 
 
@@ -52,7 +56,7 @@ class Config:
     steps: int | None = None
     compare_every: int = 10
     lambda_up: float = 0.06
-    f_up: float = 1.0
+    f_up: float | None = None
     lambda_low: float = 100.0
     f_low: float = 1e-3
 
@@ -64,6 +68,7 @@ class Config:
         out = copy.deepcopy(self)
         out.lr = preset["lr"] if self.lr is None else self.lr
         out.steps = preset["steps"] if self.steps is None else self.steps
+        out.f_up = preset.get("f_up", 1.0) if self.f_up is None else self.f_up
         return out
 
 
@@ -117,9 +122,13 @@ def spike_regulariser(spikes, cfg: Config) -> torch.Tensor:
 
 
 def load_data(cfg: Config):
+    """(train, test) datasets of the configured dataset."""
     if cfg.dataset == "mnist5k":
         return load_mnist5k(cfg.steps, cfg.seed)
-    return load_fmnist(Path(cfg.data_dir), cfg.steps)
+    if cfg.dataset == "fmnist":
+        return load_fmnist(Path(cfg.data_dir), cfg.steps)
+    loader = load_shd if cfg.dataset == "shd" else load_nmnist
+    return loader(Path(cfg.data_dir), cfg.steps, PRESETS[cfg.dataset]["dt_ms"])
 
 
 def _timed_step(model, x, y, cfg):
