@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--bth", type=float, default=None)
     t.add_argument("--path", choices=["auto", "dense", "sparse"], default="auto")
     t.add_argument("--epochs", type=int, default=None, help="default 20")
-    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--batch-size", type=int, default=None, help="default: the dataset preset")
     t.add_argument("--lr", type=float, default=None, help="default: the dataset preset")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")

@@ -10,11 +10,14 @@ from torch import nn
 
 from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval
 from .distributions import Distribution, resolve
-from .lif import LeakyReadoutFunction, LIFFunction, SpikeRule, Workspace
+from . import triton_backend
+from .lif import LeakyReadoutFunction, LIFFunction, SpikeRule, TorchBackend, Workspace
 from .scheduler import DEFAULT_SCHEDULER, Scheduler
 
 GRAD_MODES = ("localzo", "sparsegrad", "surrogate")
 PATHS = ("auto", "dense", "sparse")
+BACKENDS = ("auto", "torch", "triton")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_input(x, in_features: int) -> torch.Tensor:
@@ -40,6 +43,8 @@ class SparseLIFLinear(nn.Module):
     - `path`: "dense" (GEMMs over all entries), "sparse" (active entries only), "auto" (the
       scheduler decides from the measured activity). Both give the same gradients.
     - `generator`: the torch.Generator for LocalZO draws (default: torch's global generator).
+    - `backend`: "torch", "triton" (fused LIF + LocalZO forward and sparse backward kernels; on a
+      GPU, or on CPU under TRITON_INTERPRET=1) or "auto" (Triton on a GPU, torch elsewhere).
 
     `stats` holds, for the last forward: `active_fraction`, `path`, `saved_bytes` (kept for
     backward), `crossover` and where it came from. Working buffers are cached on the layer between
@@ -62,6 +67,7 @@ class SparseLIFLinear(nn.Module):
         bias: bool = False,
         scheduler: Scheduler | None = None,
         generator: torch.Generator | None = None,
+        backend: str = "auto",
     ):
         super().__init__()
         self.in_features = positive_int("in_features", in_features)
@@ -70,6 +76,7 @@ class SparseLIFLinear(nn.Module):
         self.threshold = positive_float("threshold", threshold)
         grad = choice("grad", grad, GRAD_MODES)
         self.path = choice("path", path, PATHS)
+        self.backend = choice("backend", backend, BACKENDS)
         delta = positive_float("delta", delta)
         m = positive_int("m", m)
         law = resolve(dist, delta)
@@ -103,15 +110,29 @@ class SparseLIFLinear(nn.Module):
             return self.path
         return self.scheduler.choose(active_fraction, self.weight.device)
 
-    def record(self, *, path: str, active_fraction: float | None, saved_bytes: int) -> None:
-        self.stats.update(path=path, active_fraction=active_fraction, saved_bytes=saved_bytes, backend="torch")
+    def record(self, *, path: str, active_fraction: float | None, saved_bytes: int, backend: str) -> None:
+        self.stats.update(path=path, active_fraction=active_fraction, saved_bytes=saved_bytes, backend=backend)
+
+    def resolve_backend(self):
+        """The implementation for this forward: TritonBackend or TorchBackend."""
+        device, dtype = self.weight.device, self.weight.dtype
+        if self.backend == "torch":
+            return TorchBackend
+        usable = triton_backend.available(device) and dtype in TRITON_DTYPES
+        if self.backend == "triton" and not usable:
+            raise ValueError(
+                f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU) and a float32/16 layer; "
+                f"this layer is {dtype} on {device}"
+            )
+        return triton_backend.TritonBackend if usable and (self.backend == "triton" or device.type == "cuda") else TorchBackend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        return LIFFunction.apply(x, self.weight, self.bias, self, self.generator, needs_grad)
+        backend = self.resolve_backend()
+        return LIFFunction.apply(x, self.weight, self.bias, self, self.generator, needs_grad, backend)
 
     def extra_repr(self) -> str:
         r = self.rule

@@ -289,37 +289,55 @@ def zero_grad_like(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
 
 
+def _spike_grad(v, rule: SpikeRule, generator, workspace: Workspace, dtype: torch.dtype):
+    """(dense g, None) for the surrogate rule; (None, active set) for LocalZO and SparseGrad."""
+    if rule.grad == "surrogate":
+        return rule.law.expected_grad(v, rule.delta).to(dtype), None
+    noise = workspace.get("noise", v.shape, torch.float32, v.device)
+    mask = workspace.get("mask", v.shape, torch.bool, v.device)
+    return None, active_set(v, rule, generator, noise, mask)
+
+
+class TorchBackend:
+    """The plain-torch implementation of the layer's sparse operations (every device)."""
+
+    name = "torch"
+    localzo_forward = None  # no fused forward: recurrence, then `active_set`
+    weight_grad = staticmethod(sparse_weight_grad)
+    filtered_grad = staticmethod(filtered_grad)
+    input_grad_at = staticmethod(input_grad_at)
+
+
 class LIFFunction(torch.autograd.Function):
     """Autograd function of SparseLIFLinear: forward recurrence with g, dense or sparse backward.
 
-    forward(x, weight, bias, layer, generator, needs_grad) -> spikes; with `needs_grad` False
-    (inference, e.g. under torch.no_grad) no g is formed and nothing is kept. `layer` supplies the hyper-parameters
-    (`beta`, `threshold`, `rule`), chooses the path from the measured activity (`choose_path`) and
-    records its stats (`record`). The output carries a SpikeLink to the active set.
+    forward(x, weight, bias, layer, generator, needs_grad, backend) -> spikes; with `needs_grad`
+    False (inference, e.g. under torch.no_grad) no g is formed and nothing is kept. `layer`
+    supplies the hyper-parameters (`beta`, `threshold`, `rule`), chooses the path from the
+    measured activity (`choose_path`) and records its stats (`record`); `backend` (TorchBackend
+    or TritonBackend) implements the sparse operations. The output carries a SpikeLink.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, generator, needs_grad):
+    def forward(ctx, x, weight, bias, layer, generator, needs_grad, backend):
         workspace = layer.workspace
         steps, batch, _ = x.shape
         current = workspace.get("current", (steps, batch, weight.shape[0]), weight.dtype, weight.device)
         torch.matmul(x.to(weight.dtype), weight.t(), out=current)
         if bias is not None:
             current += bias
-        spikes = torch.empty_like(current)
-        v = lif_recurrence(current, spikes, layer.beta, layer.threshold)
-        if not needs_grad:
-            layer.record(path="none", active_fraction=None, saved_bytes=0)
-            return spikes
         rule = layer.rule
-        if rule.grad == "surrogate":
-            g = rule.law.expected_grad(v, rule.delta).to(compute_dtype(weight))
-            active, fraction = None, float(torch.count_nonzero(g)) / max(1, g.numel())
+        if needs_grad and rule.grad == "localzo" and backend.localzo_forward is not None:
+            spikes, active = backend.localzo_forward(current, layer.beta, layer.threshold, rule, generator)
+            spikes, g = spikes.to(weight.dtype), None
         else:
-            noise = workspace.get("noise", v.shape, torch.float32, v.device)
-            mask = workspace.get("mask", v.shape, torch.bool, v.device)
-            active = active_set(v, rule, generator, noise, mask)
-            g, fraction = None, active.fraction
+            spikes = torch.empty_like(current)
+            v = lif_recurrence(current, spikes, layer.beta, layer.threshold)
+            if not needs_grad:
+                layer.record(path="none", active_fraction=None, saved_bytes=0, backend=backend.name)
+                return spikes
+            g, active = _spike_grad(v, rule, generator, workspace, compute_dtype(weight))
+        fraction = active.fraction if active is not None else float(torch.count_nonzero(g)) / max(1, g.numel())
         path = layer.choose_path(fraction)
         if path == "dense" and g is None:
             g = active.dense().to(compute_dtype(weight))
@@ -327,11 +345,11 @@ class LIFFunction(torch.autograd.Function):
             index = torch.nonzero(g.view(-1)).squeeze(1)
             active, g = ActiveSet(index, g.view(-1)[index], g.shape), None
         ctx.beta, ctx.path, ctx.has_bias = layer.beta, path, bias is not None
-        ctx.upstream, ctx.workspace = link_of(x), workspace
+        ctx.upstream, ctx.workspace, ctx.backend = link_of(x), workspace, backend
         ctx.link = SpikeLink(active) if active is not None else None
         ctx.save_for_backward(x, weight, g)
         saved = active.nbytes if path == "sparse" else g.numel() * g.element_size()
-        layer.record(path=path, active_fraction=fraction, saved_bytes=saved)
+        layer.record(path=path, active_fraction=fraction, saved_bytes=saved, backend=backend.name)
         if ctx.link is not None:
             setattr(spikes, LINK_ATTR, ctx.link)
         return spikes
@@ -355,21 +373,21 @@ class LIFFunction(torch.autograd.Function):
         else:
             active = link.active
             ds = _active_grad(grad_spikes, link, active, dtype)
-            grad_w = sparse_weight_grad(ds, active, x, beta, weight.shape, ctx.workspace)
+            grad_w = ctx.backend.weight_grad(ds, active, x, beta, weight.shape, ctx.workspace)
             if ctx.has_bias:
                 grad_b = sparse_bias_grad(ds, active, beta, weight.shape[0])
             if need_x:
-                filtered = filtered_grad(ds, active, beta, ctx.workspace)
+                filtered = ctx.backend.filtered_grad(ds, active, beta, ctx.workspace)
         if need_x:
             if ctx.upstream is not None:
-                ctx.upstream.receive(input_grad_at(filtered, weight, ctx.upstream.active, ctx.workspace))
+                ctx.upstream.receive(ctx.backend.input_grad_at(filtered, weight, ctx.upstream.active, ctx.workspace))
                 grad_x = zero_grad_like(x)
             else:
                 grad_x = filtered.view(-1, filtered.shape[2]).matmul(weight.to(dtype)).view(x.shape).to(x.dtype)
         grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class LeakyReadoutFunction(torch.autograd.Function):

@@ -1,0 +1,219 @@
+"""Triton kernels against their plain-torch references (interpreter on CPU, compiled on a GPU)."""
+
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from ztriton.kernels.lif_forward import lif_localzo_forward, lif_localzo_forward_reference, sample_abs_z  # noqa: E402
+from ztriton.kernels.sparse_input_grad import sparse_input_grad, sparse_input_grad_reference  # noqa: E402
+from ztriton.kernels.sparse_weight_grad import sparse_weight_grad, sparse_weight_grad_reference  # noqa: E402
+from ztriton.kernels.time_filter import time_filter, time_filter_reference  # noqa: E402
+from ztriton import get_distribution  # noqa: E402
+from ztriton.distributions import FastSigmoid, Sigmoid  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Tolerances per input dtype, against references computed in float64 (the kernels accumulate in fp32)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3)}
+Z = 5.0  # standard errors allowed in statistical checks
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3, 11), (13, 300)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_time_filter(shape, reverse, dtype):
+    src = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype).to(DEVICE)
+    out = time_filter(src, 0.83, reverse=reverse)
+    ref = time_filter_reference(src.cpu(), 0.83, reverse=reverse)
+    torch.testing.assert_close(out.cpu().double(), ref, **TOL[torch.float32])
+
+
+def _active(steps, batch, n_out, fraction, seed):
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.nonzero(torch.rand(steps * batch * n_out, generator=gen) < fraction).squeeze(1)
+    ds = torch.randn(index.numel(), generator=gen)
+    return index // n_out, index % n_out, ds
+
+
+@pytest.mark.parametrize("steps,batch,n_in,n_out,fraction", [(5, 3, 7, 9, 0.3), (11, 2, 130, 17, 0.05), (3, 1, 20, 5, 0.0)])
+def test_sparse_weight_grad(steps, batch, n_in, n_out, fraction):
+    trace = torch.rand(steps * batch, n_in, generator=torch.Generator().manual_seed(1))
+    rows, neurons, ds = _active(steps, batch, n_out, fraction, 2)
+    out = sparse_weight_grad(trace.to(DEVICE), ds.to(DEVICE), rows.to(DEVICE), neurons.to(DEVICE), n_out, block_in=64)
+    ref = sparse_weight_grad_reference(trace, ds, rows, neurons, n_out)
+    torch.testing.assert_close(out.cpu().double(), ref, **TOL[torch.float32])
+    assert torch.equal(out, sparse_weight_grad(trace.to(DEVICE), ds.to(DEVICE), rows.to(DEVICE), neurons.to(DEVICE), n_out, block_in=64))
+
+
+@pytest.mark.parametrize("rows_n,n_out,n_in,targets", [(15, 9, 7, 20), (40, 130, 3, 77), (4, 5, 6, 0)])
+def test_sparse_input_grad(rows_n, n_out, n_in, targets):
+    gen = torch.Generator().manual_seed(3)
+    filtered = torch.randn(rows_n, n_out, generator=gen)
+    weight = torch.randn(n_out, n_in, generator=gen)
+    rows = torch.randint(0, rows_n, (targets,), generator=gen)
+    inputs = torch.randint(0, n_in, (targets,), generator=gen)
+    out = sparse_input_grad(filtered.to(DEVICE), weight.to(DEVICE), rows.to(DEVICE), inputs.to(DEVICE))
+    ref = sparse_input_grad_reference(filtered, weight, rows, inputs)
+    torch.testing.assert_close(out.cpu().double(), ref, **TOL[torch.float32])
+
+
+LAWS = {
+    "normal": lambda d: get_distribution("normal"),
+    "uniform": lambda d: get_distribution("uniform"),
+    "laplace": lambda d: get_distribution("laplace"),
+    "sigmoid": lambda d: Sigmoid(delta=d),
+    "fast_sigmoid": lambda d: FastSigmoid(delta=d),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAWS))
+@pytest.mark.parametrize("m", [1, 3])
+def test_fused_forward_matches_reference_with_the_same_z(name, m):
+    delta = 0.3
+    law = LAWS[name](delta)
+    steps, batch, n = 9, 3, 37
+    current = torch.randn(steps, batch, n, generator=torch.Generator().manual_seed(4)) * 0.8 + 0.3
+    spikes, grad = lif_localzo_forward(current.to(DEVICE), 0.9, 1.0, law, delta, m, seed=1234, block=64)
+    abs_z = sample_abs_z(law, m * current.numel(), 1234, DEVICE).cpu().view(m, steps, batch, n)
+    ref_spikes, ref_grad = lif_localzo_forward_reference(current, 0.9, 1.0, law, delta, abs_z)
+    flips = (spikes.cpu().double() != ref_spikes).double().mean()
+    assert flips <= 1e-3  # a spike can flip only for v within rounding of 0
+    agree = (grad.cpu() != 0) == (ref_grad != 0)
+    assert agree.double().mean() >= 1 - 1e-3
+    assert 0.02 < (ref_grad != 0).double().mean() < 0.9
+    torch.testing.assert_close(grad.cpu().double()[agree], ref_grad[agree], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_forward_is_reproducible_by_seed():
+    law = get_distribution("normal")
+    current = torch.randn(6, 2, 50, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    a = lif_localzo_forward(current, 0.9, 1.0, law, 0.5, 1, seed=7)
+    b = lif_localzo_forward(current, 0.9, 1.0, law, 0.5, 1, seed=7)
+    c = lif_localzo_forward(current, 0.9, 1.0, law, 0.5, 1, seed=8)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])  # same spikes, new z
+
+
+@pytest.mark.parametrize("name,mean_abs", [("normal", math.sqrt(2 / math.pi)), ("uniform", math.sqrt(3) / 2),
+                                           ("laplace", 1 / math.sqrt(2)), ("sigmoid", None)])
+def test_in_kernel_z_statistics(name, mean_abs):
+    law = LAWS[name](0.05)
+    n = 200_000
+    z = sample_abs_z(law, n, 99, DEVICE).cpu().double()
+    square = z * z
+    assert abs(square.mean() - 1.0) < Z * square.std() / math.sqrt(n)  # unit variance
+    expected = mean_abs if mean_abs is not None else law.backprop_threshold(0.05) / 0.05
+    assert abs(z.mean() - expected) < Z * z.std() / math.sqrt(n)
+
+
+def test_in_kernel_fast_sigmoid_follows_its_cdf():
+    law = FastSigmoid(k=100.0, delta=0.05)
+    z = sample_abs_z(law, 100_000, 5, DEVICE).cpu().double().sort().values
+    y = 100 * 0.05 * z
+    empirical = torch.arange(1, z.numel() + 1, dtype=torch.float64) / z.numel()
+    assert ((y / (1 + y)) ** 2 - empirical).abs().max() < 1.95 / math.sqrt(z.numel())
+
+
+@pytest.mark.gpu
+def test_gpu_fused_forward_with_bf16_current():
+    law = get_distribution("normal")
+    current = torch.randn(50, 64, 200, device="cuda") * 0.8 + 0.3
+    spikes, grad = lif_localzo_forward(current.bfloat16(), 0.9, 1.0, law, 0.05, 1, seed=3)
+    abs_z = sample_abs_z(law, current.numel(), 3, "cuda").cpu().view(1, 50, 64, 200)
+    ref_spikes, _ = lif_localzo_forward_reference(current.bfloat16().float().cpu(), 0.9, 1.0, law, 0.05, abs_z)
+    assert (spikes.cpu().double() != ref_spikes).double().mean() < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_weight_grad_at_paper_shape():
+    trace = torch.rand(500 * 256, 700, device="cuda")
+    rows, neurons, ds = _active(500, 256, 200, 0.005, 6)
+    out = sparse_weight_grad(trace, ds.cuda(), rows.cuda(), neurons.cuda(), 200)
+    ref = sparse_weight_grad_reference(trace.cpu(), ds, rows, neurons, 200)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-3)
+
+
+# --- the layer on the Triton backend -------------------------------------------------------------
+
+from ztriton import LeakyReadout, SparseLIFLinear  # noqa: E402
+from ztriton.lif import link_of  # noqa: E402
+
+
+def _stack(backend, grad, seed=0):
+    torch.manual_seed(seed)
+    layers = [SparseLIFLinear(24, 19, beta=0.9, grad=grad, delta=0.3, path="sparse", backend=backend),
+              SparseLIFLinear(19, 13, beta=0.8, grad=grad, delta=0.3, path="sparse", backend=backend)]
+    readout = LeakyReadout(13, 4, beta=0.85)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(3)
+    return layers, readout
+
+
+def _run(layers, readout, x):
+    torch.manual_seed(11)
+    xi = x.clone().requires_grad_(True)
+    h, spikes = xi, []
+    for layer in layers:
+        h = layer(h)
+        spikes.append(h)
+    (readout(h).amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in spikes)).backward()
+    return spikes, [m.weight.grad.clone() for m in layers + [readout]] + [xi.grad.clone()]
+
+
+X = (torch.rand(14, 3, 24, generator=torch.Generator().manual_seed(2)) < 0.4).float()
+
+
+def test_triton_layer_equals_torch_layer_for_sparsegrad():
+    """SparseGrad draws nothing, so both backends see the same active set."""
+    results = {}
+    for backend in ("torch", "triton"):
+        layers, readout = _stack(backend, "sparsegrad")
+        spikes, grads = _run(layers, readout, X)
+        assert layers[0].stats["backend"] == backend
+        results[backend] = (spikes, grads)
+    for a, b in zip(results["torch"][0], results["triton"][0]):
+        assert torch.equal(a, b)
+    for a, b in zip(results["torch"][1], results["triton"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_localzo_layer_matches_autograd_bptt_with_its_g():
+    from test_layers import reference_lif, reference_readout, FixedGrad
+
+    layers, readout = _stack("triton", "localzo")
+    spikes, grads = _run(layers, readout, X)
+    assert all(layer.stats["backend"] == "triton" for layer in layers)
+    assert 0 < layers[0].stats["active_fraction"] < 0.9
+    xi = X.clone().requires_grad_(True)
+    weights = [m.weight.detach().clone().requires_grad_(True) for m in layers + [readout]]
+    h, ref_spikes = xi, []
+    for layer, w, s in zip(layers, weights, spikes):
+        g = link_of(s).active.dense()
+        h = reference_lif(h, w, None, layer.beta, layer.threshold, lambda v, t, g=g: FixedGrad.apply(v, g[t]))
+        ref_spikes.append(h)
+    out = reference_readout(h, weights[-1], readout.beta)
+    (out.amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in ref_spikes)).backward()
+    for a, b in zip(spikes, ref_spikes):
+        assert (a != b.detach()).float().mean() <= 1e-3
+    for a, b in zip(grads, [w.grad for w in weights] + [xi.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_layer_is_reproducible_by_seed():
+    runs = []
+    for _ in range(2):
+        layers, readout = _stack("triton", "localzo")
+        runs.append(_run(layers, readout, X))
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
+def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = SparseLIFLinear(4, 3, beta=0.9, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' needs a CUDA device"):
+        layer(torch.zeros(2, 1, 4))
+    assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").resolve_backend().name == "torch"

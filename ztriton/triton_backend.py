@@ -1,0 +1,60 @@
+"""The Triton implementation of the layer's kernels (used on a GPU, or on CPU under TRITON_INTERPRET=1).
+
+Same interface as `lif.TorchBackend`; `SparseLIFLinear(backend=...)` picks one per forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .lif import ActiveSet, SpikeRule, Workspace
+
+
+def available(device: torch.device) -> bool:
+    """Triton can run on `device`: a CUDA device, or the interpreter (TRITON_INTERPRET=1) on CPU."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend:
+    name = "triton"
+
+    @staticmethod
+    def localzo_forward(current: torch.Tensor, beta: float, threshold: float, rule: SpikeRule,
+                        generator: torch.Generator | None) -> tuple[torch.Tensor, ActiveSet]:
+        """Fused recurrence + LocalZO draw; the Philox seed comes from torch's generator."""
+        from .kernels.lif_forward import lif_localzo_forward
+
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=current.device))
+        spikes, grad = lif_localzo_forward(current, beta, threshold, rule.law, rule.delta, rule.m, seed)
+        index = torch.nonzero(grad.view(-1)).squeeze(1)
+        return spikes, ActiveSet(index, grad.view(-1)[index], grad.shape)
+
+    @staticmethod
+    def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, workspace: Workspace | None = None):
+        from .kernels.sparse_weight_grad import sparse_weight_grad
+        from .kernels.time_filter import time_filter
+
+        trace = time_filter(x, beta)
+        neurons = active.index % active.shape[2]
+        return sparse_weight_grad(trace, ds, active.rows(), neurons, weight_shape[0]).to(ds.dtype)
+
+    @staticmethod
+    def filtered_grad(ds, active: ActiveSet, beta: float, workspace: Workspace | None = None):
+        from .kernels.time_filter import time_filter
+
+        dense = torch.zeros(active.shape, dtype=torch.float32, device=ds.device)
+        dense.view(-1).index_copy_(0, active.index, ds.float())
+        return time_filter(dense, beta, reverse=True).to(ds.dtype)
+
+    @staticmethod
+    def input_grad_at(filtered, weight, targets: ActiveSet, workspace: Workspace | None = None):
+        from .kernels.sparse_input_grad import sparse_input_grad
+
+        inputs = targets.index % targets.shape[2]
+        return sparse_input_grad(filtered, weight, targets.rows(), inputs).to(filtered.dtype)
