@@ -213,3 +213,38 @@ def test_cli_resume_continues_a_run(tmp_path, monkeypatch, capsys):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+def _ddp_worker(rank, world, store, x, y, out_dir):
+    import torch.distributed as dist
+
+    from ztriton.train import SNN, spike_regulariser
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = Config(grad="sparsegrad", delta=0.2, hidden=[30, 20]).resolved()  # sparsegrad: no random draws
+    model = torch.nn.parallel.DistributedDataParallel(SNN(20, 3, cfg))
+    shard = torch.arange(x.shape[1]).tensor_split(world)[rank]
+    logits, spikes = model(x[:, shard])
+    loss = torch.nn.functional.cross_entropy(logits, y[shard]) + spike_regulariser(spikes, cfg)
+    loss.backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.module.parameters()], out_dir / "ddp.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_gradients_match_single_process(tmp_path):
+    from ztriton.train import SNN, spike_regulariser
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(30, 8, 20, generator=gen) < 0.3).float()
+    y = torch.randint(0, 3, (8,), generator=gen)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, tmp_path / "store", x, y, tmp_path), nprocs=2, join=True)
+    torch.manual_seed(0)
+    cfg = Config(grad="sparsegrad", delta=0.2, hidden=[30, 20]).resolved()
+    model = SNN(20, 3, cfg)
+    logits, spikes = model(x)
+    (torch.nn.functional.cross_entropy(logits, y) + spike_regulariser(spikes, cfg)).backward()
+    for a, b in zip(torch.load(tmp_path / "ddp.pt"), [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(float(p.grad.abs().sum()) > 0 for p in model.hidden.parameters())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -29,13 +30,17 @@ def _train(args) -> int:
         if run_dir.exists():
             raise DataError(f"--out {run_dir} exists already; choose another folder (nothing was written)")
     summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 reports
+        return 0
     print(f"\n{'metric':<22}value")
     for key, value in summary.items():
         text = f"{100 * value:.2f} %" if key.endswith("accuracy") and value is not None else value
         if key == "active_fraction" and value:
             text = ", ".join(f"{100 * a:.3f} %" for a in value)
-        if key.endswith("speedup") and value:
-            text = f"{value:.2f}x"
+        if key.endswith("speedup"):
+            text = "-" if value is None else f"{value:.2f}x"
+        if key == "backward_synops_saved" and value is not None:
+            text = f"{100 * value:.2f} %"
         print(f"{key:<22}{text}")
     print(f"run folder: {run_dir}")
     return 0

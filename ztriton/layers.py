@@ -110,8 +110,11 @@ class SparseLIFLinear(nn.Module):
             return self.path
         return self.scheduler.choose(active_fraction, self.weight.device)
 
-    def record(self, *, path: str, active_fraction: float | None, saved_bytes: int, backend: str) -> None:
-        self.stats.update(path=path, active_fraction=active_fraction, saved_bytes=saved_bytes, backend=backend)
+    def record(self, *, path: str, active_fraction: float | None, saved_bytes: int, backend: str, grid: int) -> None:
+        """Stats of the last forward; `grid` is the number of (t, b, neuron) entries."""
+        self.stats.update(
+            path=path, active_fraction=active_fraction, saved_bytes=saved_bytes, backend=backend, grid=grid
+        )
 
     def resolve_backend(self):
         """The implementation for this forward: TritonBackend or TorchBackend."""

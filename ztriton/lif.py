@@ -334,7 +334,7 @@ class LIFFunction(torch.autograd.Function):
             spikes = torch.empty_like(current)
             v = lif_recurrence(current, spikes, layer.beta, layer.threshold)
             if not needs_grad:
-                layer.record(path="none", active_fraction=None, saved_bytes=0, backend=backend.name)
+                layer.record(path="none", active_fraction=None, saved_bytes=0, backend=backend.name, grid=current.numel())
                 return spikes
             g, active = _spike_grad(v, rule, generator, workspace, compute_dtype(weight))
         fraction = active.fraction if active is not None else float(torch.count_nonzero(g)) / max(1, g.numel())
@@ -349,7 +349,7 @@ class LIFFunction(torch.autograd.Function):
         ctx.link = SpikeLink(active) if active is not None else None
         ctx.save_for_backward(x, weight, g)
         saved = active.nbytes if path == "sparse" else g.numel() * g.element_size()
-        layer.record(path=path, active_fraction=fraction, saved_bytes=saved, backend=backend.name)
+        layer.record(path=path, active_fraction=fraction, saved_bytes=saved, backend=backend.name, grid=current.numel())
         if ctx.link is not None:
             setattr(spikes, LINK_ATTR, ctx.link)
         return spikes

@@ -125,7 +125,7 @@ def calibrate(
         measured.append(actual)
         dense_s.append(timings["dense"])
         sparse_s.append(timings["sparse"])
-    crossover = _crossover(measured, dense_s, sparse_s)
+    crossover = crossover_density(measured, dense_s, sparse_s)
     entry = {
         "crossover": crossover,
         "fractions": measured,
@@ -144,7 +144,7 @@ def calibrate(
     return entry
 
 
-def _crossover(fractions, dense_s, sparse_s) -> float:
+def crossover_density(fractions, dense_s, sparse_s) -> float:
     """Activity where sparse time meets dense time (log-linear interpolation between measurements)."""
     pairs = sorted(zip(fractions, dense_s, sparse_s))
     previous = None

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import DataError, load_fmnist, load_mnist5k, load_nmnist, load_shd
 from .layers import LeakyReadout, SparseLIFLinear
@@ -110,16 +112,28 @@ class SNN(nn.Module):
         return logits, spikes
 
 
+def _batch_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of the whole batch, across processes when running under torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values.mean(0)
+    from torch.distributed.nn.functional import all_reduce  # differentiable
+
+    count = torch.tensor([values.shape[0]], dtype=values.dtype, device=values.device)
+    dist.all_reduce(count)
+    return all_reduce(values.sum(0)) / count
+
+
 def spike_regulariser(spikes, cfg: Config) -> torch.Tensor:
     """lambda_up mean_b relu(mean_n count - f_up)^2 + lambda_low mean_n relu(f_low - mean_b count)^2.
 
-    `count` is each neuron's spike count over the sample; applied to every hidden layer.
+    `count` is each neuron's spike count over the sample; applied to every hidden layer. The
+    batch mean of the lower bound is taken over the whole (multi-process) batch.
     """
     total = spikes[0].new_zeros(())
     for s in spikes:
         count = s.sum(0)  # (B, N)
         total = total + cfg.lambda_up * torch.relu(count.mean(1) - cfg.f_up).pow(2).mean()
-        total = total + cfg.lambda_low * torch.relu(cfg.f_low - count.mean(0)).pow(2).mean()
+        total = total + cfg.lambda_low * torch.relu(cfg.f_low - _batch_mean(count)).pow(2).mean()
     return total
 
 
@@ -220,12 +234,74 @@ def plot_run(run_dir: Path, steps: list[dict], epochs: list[dict]) -> None:
     plt.close(fig)
 
 
+class Processes:
+    """The torchrun process group (gloo on CPU, nccl on GPU), or a single process.
+
+    torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; each process takes an equal slice of every
+    global batch and DistributedDataParallel averages the gradients, which then equal those of
+    one process on the whole batch (the LocalZO draws are per process).
+    """
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", local)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, index: torch.Tensor) -> torch.Tensor:
+        return index.tensor_split(self.world)[self.rank]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return DistributedDataParallel(model) if self.world > 1 else model
+
+    def sum(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+
+def backward_synops(model: SNN) -> tuple[int, int]:
+    """(dense, sparse) multiply-adds of the last backward's weight and input gradients.
+
+    Dense: every (t, b, i) entry times fan-in for dW and, above the first layer, times fan-out for
+    dx. Sparse: the active entries times fan-in, and the upstream active entries times fan-out.
+    """
+    dense = sparse = 0
+    previous_nnz = None
+    for layer in model.hidden:
+        grid = layer.stats.get("grid", 0)
+        nnz = round((layer.stats["active_fraction"] or 0.0) * grid)
+        dense += grid * layer.in_features * (1 if previous_nnz is None else 2)
+        sparse += nnz * layer.in_features + (0 if previous_nnz is None else previous_nnz * layer.out_features)
+        previous_nnz = nnz
+    return dense, sparse
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train, writing metrics.jsonl, summary.json, config.json, checkpoint.pt and training.png to `run_dir`."""
+    """Train, writing metrics.jsonl, summary.json, config.json, checkpoint.pt and training.png to `run_dir`.
+
+    Under torchrun, every process trains on its slice of each batch and process 0 writes the files.
+    """
     from tqdm import tqdm
 
     cfg = cfg.resolved()
-    device = torch.device(cfg.device)
+    procs = Processes(cfg.device)
+    device = procs.device
     train_data, test_data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = SNN(train_data.inputs, train_data.classes, cfg).to(device)
@@ -233,7 +309,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     start_epoch, step_log, epoch_log = 0, [], []
     checkpoint_path = run_dir / "checkpoint.pt"
     if resume:
-        state = torch.load(checkpoint_path, weights_only=False)
+        state = torch.load(checkpoint_path, weights_only=False, map_location=device)
         ignore = {"epochs"}  # a resumed run may go on for more epochs
         if {k: v for k, v in state["config"].items() if k not in ignore} != {
             k: v for k, v in asdict(cfg).items() if k not in ignore
@@ -243,52 +319,57 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start_epoch, step_log, epoch_log = state["epoch"], state["steps"], state["epochs"]
-    else:
+    elif procs.main:
         run_dir.mkdir(parents=True, exist_ok=False)
         _write_json(asdict(cfg), run_dir / "config.json")
+    if procs.world > 1 and not resume:
+        torch.manual_seed(cfg.seed + procs.rank)  # independent LocalZO draws in every process
     shuffle = torch.Generator().manual_seed(cfg.seed)
     for _ in range(start_epoch):
         torch.randperm(len(train_data), generator=shuffle)  # replay the shuffles already done
+    trained = procs.wrap(model)
 
     def checkpoint(epoch):
-        _atomic_save(
-            {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": torch.get_rng_state(), "epoch": epoch, "steps": step_log, "epochs": epoch_log},
-            checkpoint_path,
-        )
+        if procs.main:
+            _atomic_save(
+                {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": torch.get_rng_state(), "epoch": epoch, "steps": step_log, "epochs": epoch_log},
+                checkpoint_path,
+            )
 
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            order = torch.randperm(len(train_data), generator=shuffle)
-            batches = order.split(cfg.batch_size)
+            batches = torch.randperm(len(train_data), generator=shuffle).split(cfg.batch_size)
             fwd_times, bwd_times, correct, loss_sum = [], [], 0, 0.0
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and procs.main), leave=False)
             for index in bar:
-                x, y = train_data.batch(index)
+                x, y = train_data.batch(procs.shard(index))
                 x, y = x.to(device), y.to(device)
                 record = {"step": len(step_log) + 1, "epoch": epoch + 1}
-                if cfg.compare_every and len(step_log) % cfg.compare_every == 0:
+                if cfg.compare_every and len(step_log) % cfg.compare_every == 0 and procs.world == 1:
                     record.update(compare_paths(model, x, y, cfg, torch.get_rng_state()))
-                loss, logits, fwd, bwd = _timed_step(model, x, y, cfg)
+                loss, logits, fwd, bwd = _timed_step(trained, x, y, cfg)
                 optimizer.step()
                 fwd_times.append(fwd)
                 bwd_times.append(bwd)
-                loss_sum += float(loss.detach()) * len(index)
+                loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 stats = [layer.stats for layer in model.hidden]
+                dense_ops, sparse_ops = backward_synops(model)
                 record.update(
                     loss=float(loss.detach()),
                     active_fraction=[s["active_fraction"] for s in stats],
                     paths=[s["path"] for s in stats],
                     forward_s=fwd,
                     backward_s=bwd,
+                    backward_synops_saved=1.0 - sparse_ops / max(1, dense_ops),
                 )
                 step_log.append(record)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", active=f"{100 * stats[-1]['active_fraction']:.2f}%")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", active=f"{100 * stats[-1]['active_fraction']:.2f}%")
+            loss_sum, correct = procs.sum(loss_sum, correct)
             test_loss, test_acc = evaluate(model, test_data, cfg, device)
             epoch_steps = [s for s in step_log if s["epoch"] == epoch + 1]
-            compared = [s for s in epoch_steps if "backward_speedup" in s]
             entry = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / len(train_data),
@@ -298,42 +379,42 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 "active_fraction": [statistics.mean(s["active_fraction"][i] for s in epoch_steps) for i in range(len(cfg.hidden))],
                 "forward_s": sum(fwd_times),
                 "backward_s": sum(bwd_times),
-                "backward_speedup": statistics.median(s["backward_speedup"] for s in compared) if compared else None,
-                "overall_speedup": statistics.median(s["overall_speedup"] for s in compared) if compared else None,
-                # synapses touched by the weight gradient: active entries x fan-in, vs all entries
-                "backward_synops_saved": 1.0 - statistics.mean(statistics.mean(s["active_fraction"]) for s in epoch_steps),
+                "backward_speedup": _median(s.get("backward_speedup") for s in epoch_steps),
+                "overall_speedup": _median(s.get("overall_speedup") for s in epoch_steps),
+                "backward_synops_saved": statistics.mean(s["backward_synops_saved"] for s in epoch_steps),
             }
             epoch_log.append(entry)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            print(
-                f"epoch {entry['epoch']:3d}  train {100 * entry['train_accuracy']:5.1f}%  "
-                f"test {100 * test_acc:5.2f}%  loss {entry['train_loss']:.3f}  "
-                f"active {' '.join(f'{100 * a:.2f}%' for a in entry['active_fraction'])}  "
-                f"bwd x{entry['backward_speedup'] or float('nan'):.1f}  all x{entry['overall_speedup'] or float('nan'):.2f}"
-            )
+            if procs.main:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                speed = "" if entry["backward_speedup"] is None else (
+                    f"  bwd x{entry['backward_speedup']:.1f}  all x{entry['overall_speedup']:.2f}")
+                print(
+                    f"epoch {entry['epoch']:3d}  train {100 * entry['train_accuracy']:5.1f}%  "
+                    f"test {100 * test_acc:5.2f}%  loss {entry['train_loss']:.3f}  "
+                    f"active {' '.join(f'{100 * a:.2f}%' for a in entry['active_fraction'])}{speed}"
+                )
             checkpoint(epoch + 1)
     except KeyboardInterrupt:
         checkpoint(epoch)
-        print(f"interrupted: checkpoint of epoch {epoch} written to {checkpoint_path}; resume with --resume {run_dir}")
+        if procs.main:
+            print(f"interrupted: checkpoint of epoch {epoch} written to {checkpoint_path}; resume with --resume {run_dir}")
         raise
-    def median_of(key):
-        values = [e[key] for e in epoch_log if e[key] is not None]
-        return statistics.median(values) if values else None
-
     summary = {
         "dataset": cfg.dataset,
         "grad": cfg.grad,
         "epochs": len(epoch_log),
         "test_accuracy": epoch_log[-1]["test_accuracy"] if epoch_log else None,
         "best_test_accuracy": max(e["test_accuracy"] for e in epoch_log) if epoch_log else None,
-        "backward_speedup": median_of("backward_speedup"),
-        "overall_speedup": median_of("overall_speedup"),
+        "backward_speedup": _median(e["backward_speedup"] for e in epoch_log),
+        "overall_speedup": _median(e["overall_speedup"] for e in epoch_log),
         "active_fraction": epoch_log[-1]["active_fraction"] if epoch_log else None,
+        "backward_synops_saved": epoch_log[-1]["backward_synops_saved"] if epoch_log else None,
     }
-    _write_json(summary, run_dir / "summary.json")
-    if step_log:
-        plot_run(run_dir, step_log, epoch_log)
+    if procs.main:
+        _write_json(summary, run_dir / "summary.json")
+        if step_log:
+            plot_run(run_dir, step_log, epoch_log)
     return summary
 
 
