@@ -132,13 +132,16 @@ def test_no_m_by_shape_allocation(monkeypatch):
     shapes = []
     original = type(law).sample_abs
 
-    def spy(self, shape, generator=None, device=None, out=None):
+    def spy(self, shape, generator=None, device=None):
         shapes.append(tuple(shape))
-        return original(self, shape, generator, device, out)
+        return original(self, shape, generator, device)
 
     monkeypatch.setattr(type(law), "sample_abs", spy)
-    localzo_grad(torch.zeros(4, 5), 0.05, 7, law)
-    assert shapes == [(4, 5)] * 7
+    v = torch.zeros(4, 5)
+    v[:2] = 5.5 * 0.05  # beyond delta * abs_z_bound (5.42 delta): never active, so never sampled
+    g = localzo_grad(v, 0.05, 7, law)
+    assert shapes == [(10,)] * 7
+    assert torch.all(g[:2] == 0)
 
 
 @pytest.mark.parametrize(

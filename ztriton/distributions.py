@@ -60,9 +60,18 @@ class Distribution:
     #: the delta a surrogate-derived law was built for (its pdf depends on delta); None: any delta
     delta: float | None = None
 
-    def sample_abs(self, shape, generator: torch.Generator | None = None, device=None, out=None) -> torch.Tensor:
-        """|z| for `shape` independent draws, float32 (written into `out` when given)."""
+    def quantile_abs(self, r: torch.Tensor) -> torch.Tensor:
+        """Inverse CDF of |z| at probabilities `r` in [0, 1) (float32)."""
         raise NotImplementedError
+
+    def sample_abs(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """|z| for `shape` independent draws, float32, by inverse transform of uniform draws."""
+        return self.quantile_abs(torch.rand(shape, generator=generator, device=_device_of(generator, device)))
+
+    @functools.cached_property
+    def abs_z_bound(self) -> float:
+        """The largest |z| a draw can return (at the largest float32 uniform, 1 - 2^-24); inf if none."""
+        return float(self.quantile_abs(torch.tensor([1.0 - 2.0**-24])))
 
     def sample(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """z for `shape` independent draws, float32: |z| with an independent random sign."""
@@ -106,11 +115,9 @@ class Normal(Distribution):
 
     name = "normal"
 
-    def sample_abs(self, shape, generator=None, device=None, out=None):
-        return torch.randn(shape, generator=generator, device=_device_of(generator, device), out=out).abs_()
-
-    def sample(self, shape, generator=None, device=None):
-        return torch.randn(shape, generator=generator, device=_device_of(generator, device))
+    def quantile_abs(self, r):
+        # P(|z| < x) = erf(x / sqrt2); computed in float64 so the tail stays exact near r = 1
+        return (torch.special.erfinv(r.double()) * math.sqrt(2.0)).float()
 
     def expected_grad(self, v, delta):
         delta = self.check_delta(delta)
@@ -130,9 +137,8 @@ class Uniform(Distribution):
 
     name = "uniform"
 
-    def sample_abs(self, shape, generator=None, device=None, out=None):
-        r = torch.rand(shape, generator=generator, device=_device_of(generator, device), out=out)
-        return r.mul_(math.sqrt(3.0))
+    def quantile_abs(self, r):
+        return r * math.sqrt(3.0)
 
     def expected_grad(self, v, delta):
         delta = self.check_delta(delta)
@@ -149,10 +155,8 @@ class Laplace(Distribution):
 
     name = "laplace"
 
-    def sample_abs(self, shape, generator=None, device=None, out=None):
-        if out is None:
-            out = torch.empty(shape, device=_device_of(generator, device))
-        return out.exponential_(math.sqrt(2.0), generator=generator)
+    def quantile_abs(self, r):
+        return -torch.log1p(-r) / math.sqrt(2.0)  # |z| ~ Exp(sqrt2)
 
     def expected_grad(self, v, delta):
         delta = self.check_delta(delta)
@@ -180,9 +184,9 @@ class FastSigmoid(Distribution):
         self.delta = positive_float("delta", delta)
         self.c = 2.0 / self.k
 
-    def sample_abs(self, shape, generator=None, device=None, out=None):
-        root = torch.rand(shape, generator=generator, device=_device_of(generator, device), out=out).sqrt_()
-        return root.div_((1.0 - root).mul_(self.k * self.delta))
+    def quantile_abs(self, r):
+        root = r.sqrt()
+        return root / ((1.0 - root) * (self.k * self.delta))
 
     def expected_grad(self, v, delta):
         self.check_delta(delta)
@@ -270,11 +274,6 @@ class SurrogateDistribution(Distribution):
         frac = ((r - c_lo) / (c_hi - c_lo).clamp_min(1e-30)).clamp_(0.0, 1.0)
         z_lo = abs_z[lower]
         return z_lo + frac * (abs_z[upper] - z_lo)
-
-    def sample_abs(self, shape, generator=None, device=None, out=None):
-        r = torch.rand(shape, generator=generator, device=_device_of(generator, device))
-        z = self.quantile_abs(r)
-        return z if out is None else out.copy_(z)
 
     def expected_grad(self, v, delta):
         """c E[G] computed from the table (eq. 8); equals g(v) up to the table's resolution."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .distributions import Distribution
+from .functional import localzo_active
 
 #: time steps of input trace held at once by the sparse weight gradient (a 16 x B x N_in block
 #: stays in cache while its rows are gathered)
@@ -165,34 +166,18 @@ def forward_filter_(x: torch.Tensor, beta: float) -> torch.Tensor:
     return x
 
 
-def active_set(
-    v: torch.Tensor, rule: SpikeRule, generator: torch.Generator | None, scratch: torch.Tensor, mask: torch.Tensor
-) -> ActiveSet:
+def active_set(v: torch.Tensor, rule: SpikeRule, generator: torch.Generator | None) -> ActiveSet:
     """The entries with g != 0 and their g, for the LocalZO or SparseGrad rule.
 
-    LocalZO draws |z| into `scratch` (float32, v's shape) exactly as `functional.localzo_grad` does
-    with the same generator state, so both give the same active set and g (to rounding); `mask`
-    is a bool buffer of v's shape. `v` is overwritten by |v|.
+    LocalZO draws exactly as `functional.localzo_grad` does with the same generator state (the
+    same `localzo_active`), so both give the same active set and g. `v` is overwritten by |v|.
     """
-    law, delta = rule.law, rule.delta
-    abs_v = v.abs_()
+    abs_v = v.abs_().view(-1)
     if rule.grad == "sparsegrad":
-        index = torch.nonzero(abs_v.view(-1) < rule.bth).squeeze(1)
-        return ActiveSet(index, law.expected_grad(abs_v.view(-1)[index], delta), v.shape)
-    scale = law.c / (2.0 * delta * rule.m)
-    if rule.m == 1:
-        reach = law.sample_abs(v.shape, generator, device=v.device, out=scratch).mul_(delta)  # delta |z|
-        index = torch.nonzero(torch.lt(abs_v, reach, out=mask).view(-1)).squeeze(1)
-        picked = reach.view(-1)[index].div_(delta)
-        weight = picked if law.alpha == 1 else picked.reciprocal()
-        return ActiveSet(index, weight.mul_(scale), v.shape)
-    total = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    for _ in range(rule.m):
-        abs_z = law.sample_abs(v.shape, generator, device=v.device, out=scratch)
-        weight = abs_z if law.alpha == 1 else abs_z.reciprocal()
-        total += torch.where(abs_v < delta * abs_z, weight, 0.0)
-    index = torch.nonzero(total.view(-1)).squeeze(1)
-    return ActiveSet(index, total.view(-1)[index].mul_(scale), v.shape)
+        index = torch.nonzero(abs_v < rule.bth).squeeze(1)
+        return ActiveSet(index, rule.law.expected_grad(abs_v[index], rule.delta), v.shape)
+    index, grad = localzo_active(abs_v, rule.delta, rule.m, rule.law, generator)
+    return ActiveSet(index, grad, v.shape)
 
 
 def _active_grad(grad_spikes: torch.Tensor, link: SpikeLink, active: ActiveSet, dtype: torch.dtype) -> torch.Tensor:
@@ -284,18 +269,60 @@ def input_grad_at(
     return out
 
 
+def sparse_input_grad(
+    ds: torch.Tensor, active: ActiveSet, beta: float, weight: torch.Tensor, targets: ActiveSet,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """dL/dx at `targets` only, without the full D grid.
+
+    Runs the reverse-time filter TRACE_CHUNK steps at a time from the end, carrying D across
+    chunks, and gathers the targets of each chunk while it is in cache (the same values as
+    `input_grad_at(filtered_grad(...))`).
+    """
+    steps, batch, width = active.shape
+    workspace = workspace or Workspace()
+    chunk = workspace.get("reverse", (TRACE_CHUNK, batch, width), ds.dtype, ds.device)
+    block = workspace.get("rows", (GATHER_CHUNK, width), ds.dtype, ds.device)
+    columns = workspace.get("columns", (GATHER_CHUNK, width), ds.dtype, ds.device)
+    carry = torch.zeros(batch, width, dtype=ds.dtype, device=ds.device)
+    weight_t = weight.t().to(ds.dtype).contiguous()
+    starts = torch.arange(0, steps + TRACE_CHUNK, TRACE_CHUNK, device=ds.device)
+    source_bounds = torch.searchsorted(active.index, starts * batch * width).tolist()
+    target_rows = targets.rows()
+    target_inputs = targets.index % targets.shape[2]
+    target_bounds = torch.searchsorted(target_rows, starts * batch).tolist()
+    out = torch.empty(targets.nnz, dtype=ds.dtype, device=ds.device)
+    flat = chunk.view(-1, width)
+    for number in range(len(starts) - 2, -1, -1):
+        if target_bounds[number + 1] == 0:
+            break  # no target at or before this chunk
+        start = number * TRACE_CHUNK
+        length = min(TRACE_CHUNK, steps - start)
+        lo, hi = source_bounds[number], source_bounds[number + 1]
+        chunk[:length].zero_()
+        chunk.view(-1).index_copy_(0, active.index[lo:hi] - start * batch * width, ds[lo:hi])
+        chunk[length - 1].add_(carry, alpha=beta)
+        for t in range(length - 2, -1, -1):
+            chunk[t].add_(chunk[t + 1], alpha=beta)
+        carry.copy_(chunk[0])
+        for first in range(target_bounds[number], target_bounds[number + 1], GATHER_CHUNK):
+            last = min(target_bounds[number + 1], first + GATHER_CHUNK)
+            picked = torch.index_select(flat, 0, target_rows[first:last] - start * batch, out=block[: last - first])
+            picked.mul_(torch.index_select(weight_t, 0, target_inputs[first:last], out=columns[: last - first]))
+            torch.sum(picked, 1, out=out[first:last])
+    return out
+
+
 def zero_grad_like(x: torch.Tensor) -> torch.Tensor:
     """A zero gradient for `x` that costs no memory (a broadcast scalar)."""
     return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
 
 
-def _spike_grad(v, rule: SpikeRule, generator, workspace: Workspace, dtype: torch.dtype):
+def _spike_grad(v, rule: SpikeRule, generator, dtype: torch.dtype):
     """(dense g, None) for the surrogate rule; (None, active set) for LocalZO and SparseGrad."""
     if rule.grad == "surrogate":
         return rule.law.expected_grad(v, rule.delta).to(dtype), None
-    noise = workspace.get("noise", v.shape, torch.float32, v.device)
-    mask = workspace.get("mask", v.shape, torch.bool, v.device)
-    return None, active_set(v, rule, generator, noise, mask)
+    return None, active_set(v, rule, generator)
 
 
 class TorchBackend:
@@ -305,7 +332,7 @@ class TorchBackend:
     localzo_forward = None  # no fused forward: recurrence, then `active_set`
     weight_grad = staticmethod(sparse_weight_grad)
     filtered_grad = staticmethod(filtered_grad)
-    input_grad_at = staticmethod(input_grad_at)
+    sparse_input_grad = staticmethod(sparse_input_grad)
 
 
 class LIFFunction(torch.autograd.Function):
@@ -336,7 +363,7 @@ class LIFFunction(torch.autograd.Function):
             if not needs_grad:
                 layer.record(path="none", active_fraction=None, saved_bytes=0, backend=backend.name, grid=current.numel())
                 return spikes
-            g, active = _spike_grad(v, rule, generator, workspace, compute_dtype(weight))
+            g, active = _spike_grad(v, rule, generator, compute_dtype(weight))
         fraction = active.fraction if active is not None else float(torch.count_nonzero(g)) / max(1, g.numel())
         path = layer.choose_path(fraction)
         if path == "dense" and g is None:
@@ -357,37 +384,50 @@ class LIFFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes):
         x, weight, g = ctx.saved_tensors
-        beta, link, need_x = ctx.beta, ctx.link, ctx.needs_input_grad[0]
-        dtype = compute_dtype(weight)
-        grad_x = grad_b = filtered = None
-        if ctx.path == "dense":
-            ds = grad_spikes.to(dtype) * g
-            received = link.take() if link is not None else None
-            if received is not None:
-                ds.view(-1).index_add_(0, link.active.index, received * link.active.grad.to(dtype))
-            filtered = reverse_filter_(ds, beta)
-            flat = filtered.view(-1, filtered.shape[2])
-            grad_w = flat.t().matmul(x.reshape(-1, x.shape[2]).to(dtype))
-            if ctx.has_bias:
-                grad_b = flat.sum(0)
+        step = _dense_backward if ctx.path == "dense" else _sparse_backward
+        grad_x, grad_w, grad_b = step(ctx, grad_spikes, x, weight, g, compute_dtype(weight))
+        grad_b = None if grad_b is None else grad_b.to(weight.dtype)
+        return grad_x, grad_w.to(weight.dtype), grad_b, None, None, None, None
+
+
+def _input_grad(ctx, x, weight, filtered, dtype):
+    """The gradient returned for x: dense D W for a plain tensor; zero (sent through the link) otherwise."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    if ctx.upstream is not None:
+        return zero_grad_like(x)
+    return filtered.view(-1, filtered.shape[2]).matmul(weight.to(dtype)).view(x.shape).to(x.dtype)
+
+
+def _dense_backward(ctx, grad_spikes, x, weight, g, dtype):
+    """GEMMs over the whole grid: D = reverse filter of grad_s * g, dW = D^T x, dx = D W."""
+    ds = grad_spikes.to(dtype) * g
+    received = ctx.link.take() if ctx.link is not None else None
+    if received is not None:
+        ds.view(-1).index_add_(0, ctx.link.active.index, received * ctx.link.active.grad.to(dtype))
+    filtered = reverse_filter_(ds, ctx.beta)
+    flat = filtered.view(-1, filtered.shape[2])
+    grad_w = flat.t().matmul(x.reshape(-1, x.shape[2]).to(dtype))
+    grad_b = flat.sum(0) if ctx.has_bias else None
+    if ctx.needs_input_grad[0] and ctx.upstream is not None:
+        ctx.upstream.receive(input_grad_at(filtered, weight, ctx.upstream.active, ctx.workspace))
+    return _input_grad(ctx, x, weight, filtered, dtype), grad_w, grad_b
+
+
+def _sparse_backward(ctx, grad_spikes, x, weight, g, dtype):
+    """Work at the active entries only (and at the upstream layer's active entries for dx)."""
+    active, backend, workspace = ctx.link.active, ctx.backend, ctx.workspace
+    ds = _active_grad(grad_spikes, ctx.link, active, dtype)
+    grad_w = backend.weight_grad(ds, active, x, ctx.beta, weight.shape, workspace)
+    grad_b = sparse_bias_grad(ds, active, ctx.beta, weight.shape[0]) if ctx.has_bias else None
+    filtered = None
+    if ctx.needs_input_grad[0]:
+        if ctx.upstream is not None:
+            targets = ctx.upstream.active
+            ctx.upstream.receive(backend.sparse_input_grad(ds, active, ctx.beta, weight, targets, workspace))
         else:
-            active = link.active
-            ds = _active_grad(grad_spikes, link, active, dtype)
-            grad_w = ctx.backend.weight_grad(ds, active, x, beta, weight.shape, ctx.workspace)
-            if ctx.has_bias:
-                grad_b = sparse_bias_grad(ds, active, beta, weight.shape[0])
-            if need_x:
-                filtered = ctx.backend.filtered_grad(ds, active, beta, ctx.workspace)
-        if need_x:
-            if ctx.upstream is not None:
-                ctx.upstream.receive(ctx.backend.input_grad_at(filtered, weight, ctx.upstream.active, ctx.workspace))
-                grad_x = zero_grad_like(x)
-            else:
-                grad_x = filtered.view(-1, filtered.shape[2]).matmul(weight.to(dtype)).view(x.shape).to(x.dtype)
-        grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+            filtered = backend.filtered_grad(ds, active, ctx.beta, workspace)
+    return _input_grad(ctx, x, weight, filtered, dtype), grad_w, grad_b
 
 
 class LeakyReadoutFunction(torch.autograd.Function):

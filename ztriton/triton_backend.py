@@ -53,8 +53,10 @@ class TritonBackend:
         return time_filter(dense, beta, reverse=True).to(ds.dtype)
 
     @staticmethod
-    def input_grad_at(filtered, weight, targets: ActiveSet, workspace: Workspace | None = None):
+    def sparse_input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet,
+                          workspace: Workspace | None = None):
         from .kernels.sparse_input_grad import sparse_input_grad
 
+        filtered = TritonBackend.filtered_grad(ds, active, beta, workspace)
         inputs = targets.index % targets.shape[2]
-        return sparse_input_grad(filtered, weight, targets.rows(), inputs).to(filtered.dtype)
+        return sparse_input_grad(filtered, weight, targets.rows(), inputs).to(ds.dtype)
