@@ -5,6 +5,7 @@ Same interface as `lif.TorchBackend`; `SparseLIFLinear(backend=...)` picks one p
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -14,9 +15,7 @@ from .lif import ActiveSet, SpikeRule, Workspace
 
 def available(device: torch.device) -> bool:
     """Triton can run on `device`: a CUDA device, or the interpreter (TRITON_INTERPRET=1) on CPU."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
