@@ -79,7 +79,7 @@ def methods(x, active, ds, n_out, device):
         order = torch.sort(neurons, stable=True).indices
         crow = torch.zeros(n_out + 1, dtype=torch.int64, device=device)
         crow[1:] = torch.cumsum(torch.bincount(neurons, minlength=n_out), 0)
-        matrix = torch.sparse_csr_tensor(crow, active.rows()[order], ds[order], (n_out, steps * batch))
+        matrix = torch.sparse_csr_tensor(crow, active.rows()[order], ds[order], (n_out, steps * batch), check_invariants=False)
         return matrix @ trace.view(-1, n_in)
 
     def reverse_free_trace(src):

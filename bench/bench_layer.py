@@ -4,10 +4,11 @@ Network 700 -> 200 -> 200 -> 20 (LIF, LIF, leaky readout), T = 500, B = 256, bet
 LocalZO delta 0.05, m 1, normal; input Bernoulli spikes (rate --input-rate, SHD-like). All methods
 run on the SAME weights and batch, timed in one process after a warm-up (medians of --repeats);
 peak memory is the growth of the peak resident set of a fresh process that runs two steps of one
-method (so each number is that method's alone).
+method (so each number is that method's alone); on a GPU, the allocator's peak during one step.
 
     python bench/bench_layer.py                # full size (about 1-2 minutes on 2 cores)
     python bench/bench_layer.py --steps 100    # quicker
+    python bench/bench_layer.py --device cuda  # on a GPU (Triton backend)
 """
 
 from __future__ import annotations
@@ -101,14 +102,14 @@ def build(method: str, args) -> nn.Sequential:
             layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=gen))
             if layer is not model[-1]:
                 layer.weight.mul_(args.gain)
-    return model
+    return model.to(args.device)
 
 
 def batch(args):
     gen = torch.Generator().manual_seed(args.seed + 1)
     x = (torch.rand(args.steps, args.batch, args.inputs, generator=gen) < args.input_rate).float()
     labels = torch.randint(0, args.classes, (args.batch,), generator=gen)
-    return x, labels
+    return x.to(args.device), labels.to(args.device)
 
 
 def step(model, x, labels):
@@ -116,11 +117,15 @@ def step(model, x, labels):
     for p in model.parameters():
         p.grad = None
     torch.manual_seed(0)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     logits = model(x).sum(0)  # SHD: readout summed over time
     loss = nn.functional.cross_entropy(logits, labels)
+    sync()
     middle = time.perf_counter()
     loss.backward()
+    sync()
     return middle - start, time.perf_counter() - middle
 
 
@@ -150,6 +155,15 @@ def _peak_worker(method, args, queue):
 
 
 def peak_memory(method, args) -> int:
+    if args.device.startswith("cuda"):  # the allocator's own high-water mark
+        model = build(method, args)
+        x, labels = batch(args)
+        step(model, x, labels)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(model, x, labels)
+        return torch.cuda.max_memory_allocated() - base
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_worker, args=(method, args, queue))
@@ -173,6 +187,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the engine then uses its Triton backend)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -189,6 +204,7 @@ def main(argv=None):
             times[method][0].append(fwd)
             times[method][1].append(bwd)
     stats = [layer.stats for layer in models["sparse"] if isinstance(layer, SparseLIFLinear)]
+    backend = stats[0].get("backend")
     auto_paths = [layer.stats["path"] for layer in models["auto"] if isinstance(layer, SparseLIFLinear)]
     memory = {m: None if args.no_memory else peak_memory(m, args) for m in METHODS}
 
@@ -196,7 +212,7 @@ def main(argv=None):
     print(
         f"T={args.steps} B={args.batch} {args.inputs}-{'-'.join([str(args.hidden)] * args.layers)}-{args.classes} "
         f"LocalZO normal delta={args.delta} m=1 (B_th={b_th:.4f}), input rate {args.input_rate}, "
-        f"{args.threads} threads, medians of {args.repeats}"
+        f"{args.device} ({args.threads} threads), engine backend {backend}, medians of {args.repeats}"
     )
     print("active fraction per layer: " + ", ".join(f"{100 * s['active_fraction']:.3f} %" for s in stats))
     print("auto chose: " + ", ".join(auto_paths))

@@ -359,3 +359,18 @@ def test_plain_tensor_input_gets_a_dense_input_gradient():
     x = torch.rand(10, 2, 6, dtype=torch.float64, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad.shape == x.shape and x.grad.is_contiguous() and (x.grad != 0).any()
+
+
+@pytest.mark.parametrize("paths", [("dense", "sparse"), ("sparse", "dense")])
+@pytest.mark.parametrize("grad", ["localzo", "surrogate"])
+def test_mixed_paths_between_layers(paths, grad):
+    """auto may choose differently per layer: the link protocol must give the same gradients."""
+    x = (torch.rand(20, 4, 12, generator=torch.Generator().manual_seed(3)) < 0.4).double()
+    results = []
+    for chosen in (paths, ("dense", "dense")):
+        layers, readout = make_stack([12, 10, 8, 3], [0.9, 0.8], "dense", grad=grad, delta=0.3)
+        for layer, path in zip(layers, chosen):
+            layer.path = path
+        results.append(run_stack(layers, readout, x)[1])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

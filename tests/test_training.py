@@ -247,3 +247,18 @@ def test_ddp_gradients_match_single_process(tmp_path):
     for a, b in zip(torch.load(tmp_path / "ddp.pt"), [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(float(p.grad.abs().sum()) > 0 for p in model.hidden.parameters())
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--delta", "-1"], "delta must be finite and > 0, got -1.0"),
+        (["--epochs", "0"], "epochs must be >= 1, got 0"),
+        (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+        (["--hidden", "0"], "hidden must be >= 1, got 0"),
+    ],
+)
+def test_cli_bad_values_write_nothing(tmp_path, capsys, flags, message):
+    assert main(["train", "--out", str(tmp_path / "run")] + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

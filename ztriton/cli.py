@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("calibrate", help="measure the dense/sparse crossover of this device for path='auto'")
     c.add_argument("--device", default="cpu")
     c.add_argument("--steps", type=int, default=100)
-    c.add_argument("--batch", type=int, default=64)
+    c.add_argument("--batch", type=int, default=128)
     args = parser.parse_args(argv)
     try:
         return _train(args) if args.command == "train" else _calibrate(args)

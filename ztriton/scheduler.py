@@ -21,7 +21,8 @@ import torch
 from ._checks import positive_float
 
 #: active fraction below which the sparse path is taken when the device has no calibration;
-#: measured on a 2-core CPU (README: `python -m ztriton calibrate`), crossover 6-20 % there
+#: a 2-core CPU measured 4.7 % (`ztriton calibrate`, T 100 B 128 200->200) to 10 %
+#: (bench/bench_kernels.py, the weight gradient at the paper's shapes)
 DEFAULT_CROSSOVER = 0.05
 
 
@@ -92,33 +93,36 @@ def calibrate(
     device: torch.device | str = "cpu",
     *,
     steps: int = 100,
-    batch: int = 64,
+    batch: int = 128,
     n_in: int = 200,
     n_out: int = 200,
-    fractions: tuple[float, ...] = (0.002, 0.01, 0.03, 0.1, 0.3),
+    fractions: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
     repeats: int = 3,
     save: bool = True,
 ) -> dict:
     """Time the dense and sparse backward over `fractions` of active entries; store the crossover.
 
-    The activity is set through SparseGrad's B_th on a layer with a fixed input. Returns the entry
+    The activity is set through SparseGrad's B_th (quantiles of |v| of a fixed input). Returns the entry
     written: {"crossover", "fractions", "dense_s", "sparse_s", "shape"}.
     """
     from .layers import SparseLIFLinear  # the layer is what is being timed
+    from .lif import lif_recurrence
 
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     x = (torch.rand(steps, batch, n_in, generator=gen, device=device) < 0.05).float()
     grad = torch.randn(steps, batch, n_out, generator=gen, device=device)
     measured, dense_s, sparse_s = [], [], []
-    for fraction in fractions:
-        probe = SparseLIFLinear(n_in, n_out, beta=math.exp(-0.2), grad="sparsegrad", path="dense").to(device)
-        with torch.no_grad():
-            v = torch.matmul(x, probe.weight.t())  # |v| quantile -> B_th giving about `fraction` active
-        bth = float(torch.quantile((v.flatten() - 1.0).abs()[:1_000_000].float(), fraction)) or 1e-6
+    probe = SparseLIFLinear(n_in, n_out, beta=math.exp(-0.2), grad="sparsegrad").to(device)
+    with torch.no_grad():  # the membrane distance |v| of this input, to set B_th for each activity
+        current = torch.matmul(x, probe.weight.t())
+        v = lif_recurrence(current, torch.empty_like(current), probe.beta, probe.threshold)
+        levels = torch.quantile(v.abs().flatten()[:1_000_000].float(), torch.tensor(fractions, device=device))
+    for bth in levels.tolist():
         timings = {}
         for path in ("dense", "sparse"):
-            layer = SparseLIFLinear(n_in, n_out, beta=math.exp(-0.2), grad="sparsegrad", bth=bth, path=path).to(device)
+            layer = SparseLIFLinear(n_in, n_out, beta=probe.beta, grad="sparsegrad", bth=max(bth, 1e-6), path=path)
+            layer = layer.to(device)
             layer.load_state_dict(probe.state_dict())
             timings[path] = _time_backward(layer, x, grad, repeats)
             actual = layer.stats["active_fraction"]

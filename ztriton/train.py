@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ._checks import positive_int
 from .data import DataError, load_fmnist, load_mnist5k, load_nmnist, load_shd
 from .layers import LeakyReadout, SparseLIFLinear
 
@@ -73,6 +74,18 @@ class Config:
         out.steps = preset["steps"] if self.steps is None else self.steps
         out.batch_size = preset["batch_size"] if self.batch_size is None else self.batch_size
         out.f_up = preset.get("f_up", 1.0) if self.f_up is None else self.f_up
+        for name in ("epochs", "batch_size", "steps"):
+            positive_int(name, getattr(out, name))
+        if isinstance(out.compare_every, bool) or not isinstance(out.compare_every, int) or out.compare_every < 0:
+            raise ValueError(f"compare_every must be an int >= 0, got {out.compare_every!r}")
+        if not out.hidden:
+            raise ValueError("hidden must list at least one layer size")
+        for size in out.hidden:
+            positive_int("hidden", size)
+        for name in ("lr", "lambda_up", "f_up", "lambda_low", "f_low"):
+            value = getattr(out, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
         return out
 
 
