@@ -19,6 +19,7 @@ output spikes as a `SpikeLink`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -199,33 +200,43 @@ def sparse_weight_grad(
 ) -> torch.Tensor:
     """dW = sum over active (t, b, i) of ds * eps[t, b, :], the trace built TRACE_CHUNK steps at a time.
 
-    Stops after the last time step that has an active entry.
+    The active entries are grouped once by (chunk, neuron); per chunk they form a CSR matrix
+    (N_out, chunk rows) of ds, and one sparse x dense product with the trace chunk reads only the
+    rows it needs (nnz x N_in work). Stops after the last chunk that has an active entry.
     """
     steps, batch, _ = active.shape
+    n_out, n_in = weight_shape
     grad_w = torch.zeros(weight_shape, dtype=ds.dtype, device=x.device)
     if active.nnz == 0:
         return grad_w
     rows = active.rows()
-    neurons = active.index % active.shape[2]
-    starts = torch.arange(0, steps + TRACE_CHUNK, TRACE_CHUNK, device=x.device)
-    bounds = torch.searchsorted(rows, starts * batch).tolist()
+    span = TRACE_CHUNK * batch
+    key = torch.div(rows, span, rounding_mode="floor") * n_out + active.index % active.shape[2]
+    order = torch.argsort(key, stable=True)
+    n_chunks = -(-steps // TRACE_CHUNK)
+    crow_all = torch.zeros(n_chunks * n_out + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(torch.bincount(key, minlength=n_chunks * n_out), 0, out=crow_all[1:])
+    local_rows, values = rows[order] % span, ds[order]
+    bounds = crow_all[::n_out].tolist()
     workspace = workspace or Workspace()
-    trace = workspace.get("trace", (TRACE_CHUNK, batch, x.shape[2]), ds.dtype, x.device)
-    previous = torch.zeros(batch, x.shape[2], dtype=ds.dtype, device=x.device)
-    flat = trace.view(TRACE_CHUNK * batch, x.shape[2])
-    block = workspace.get("gathered", (GATHER_CHUNK, x.shape[2]), ds.dtype, x.device)
-    for chunk, start in enumerate(range(0, steps, TRACE_CHUNK)):
-        first, last = bounds[chunk], bounds[chunk + 1]
-        if first == active.nnz:
-            break
+    trace = workspace.get("trace", (TRACE_CHUNK, batch, n_in), ds.dtype, x.device)
+    previous = torch.zeros(batch, n_in, dtype=ds.dtype, device=x.device)
+    flat = trace.view(span, n_in)
+    last_chunk = int(key.max()) // n_out
+    for chunk in range(last_chunk + 1):
+        start = chunk * TRACE_CHUNK
         for step in range(min(TRACE_CHUNK, steps - start)):
             torch.add(x[start + step], previous, alpha=beta, out=trace[step])  # eps[t] = x[t] + beta eps[t-1]
             previous = trace[step]
         previous = previous.clone()
-        for lo in range(first, last, GATHER_CHUNK):
-            hi = min(last, lo + GATHER_CHUNK)
-            picked = torch.index_select(flat, 0, rows[lo:hi] - start * batch, out=block[: hi - lo])
-            grad_w.index_add_(0, neurons[lo:hi], picked.mul_(ds[lo:hi, None]))
+        lo, hi = bounds[chunk], bounds[chunk + 1]
+        if hi > lo:
+            crow = crow_all[chunk * n_out : (chunk + 1) * n_out + 1] - lo
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                matrix = torch.sparse_csr_tensor(crow, local_rows[lo:hi], values[lo:hi], (n_out, span),
+                                                 check_invariants=False)
+            grad_w += matrix @ flat
     return grad_w
 
 
