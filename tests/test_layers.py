@@ -374,3 +374,23 @@ def test_mixed_paths_between_layers(paths, grad):
         results.append(run_stack(layers, readout, x)[1])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_time_chunks_of_the_forward_join_seamlessly():
+    """T = 150 runs as pieces of FORWARD_CHUNK = 64 steps: spikes and gradients stay exact."""
+    from ztriton.lif import FORWARD_CHUNK
+
+    steps = 2 * FORWARD_CHUNK + 22
+    x = (torch.rand(steps, 3, 11, generator=torch.Generator().manual_seed(5)) < 0.3).double()
+    layers, readout = make_stack([11, 9, 7, 3], [0.95, 0.9], "sparse", delta=0.2)
+    spikes, grads = run_stack(layers, readout, x)
+    ref_spikes, ref_grads = reference_stack(layers, readout, x, spikes)
+    for a, b in zip(spikes, ref_spikes):
+        assert torch.equal(a, b.detach())
+    assert spikes[0][FORWARD_CHUNK:].sum() > 0
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    dense_layers, dense_readout = make_stack([11, 9, 7, 3], [0.95, 0.9], "dense", grad="surrogate", delta=0.2)
+    sparse_layers, sparse_readout = make_stack([11, 9, 7, 3], [0.95, 0.9], "sparse", grad="surrogate", delta=0.2)
+    for a, b in zip(run_stack(dense_layers, dense_readout, x)[1], run_stack(sparse_layers, sparse_readout, x)[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

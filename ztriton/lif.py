@@ -27,6 +27,9 @@ import torch
 from .distributions import Distribution
 from .functional import localzo_active
 
+#: time steps whose input current is held at once by the forward (the whole (T, B, N) current
+#: is never materialised on the torch backend)
+FORWARD_CHUNK = 64
 #: time steps of input trace held at once by the sparse weight gradient (a 16 x B x N_in block
 #: stays in cache while its rows are gathered)
 TRACE_CHUNK = 16
@@ -134,17 +137,24 @@ def link_of(x: torch.Tensor) -> SpikeLink | None:
     return getattr(x, LINK_ATTR, None)
 
 
-def lif_recurrence(current: torch.Tensor, spikes: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
+def lif_recurrence(
+    current: torch.Tensor, spikes: torch.Tensor, beta: float, threshold: float,
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Run eq. 1 in place: `current` (T, B, N) holds I on entry and v = u - u_th on exit.
 
-    Tracks v directly: v[t] = beta v[t-1] + I[t] - u_th (1 - beta) - u_th s[t-1], v[-1] = -u_th.
+    Tracks v directly: v[t] = beta v[t-1] + I[t] - u_th (1 - beta) - u_th s[t-1], v[-1] = -u_th,
+    s[-1] = 0, or `previous` = (v, s) of the step before when the sequence is processed in pieces.
     Writes H(v) into `spikes` and returns `current`.
     """
     current.sub_(threshold * (1.0 - beta))
     steps = current.shape[0]
     if steps == 0:
         return current
-    current[0].sub_(beta * threshold)
+    if previous is None:
+        current[0].sub_(beta * threshold)
+    else:
+        current[0].add_(previous[0], alpha=beta).sub_(previous[1], alpha=threshold)
     torch.gt(current[0], 0, out=spikes[0])
     for t in range(1, steps):
         v = current[t]
@@ -170,8 +180,8 @@ def forward_filter_(x: torch.Tensor, beta: float) -> torch.Tensor:
 def active_set(v: torch.Tensor, rule: SpikeRule, generator: torch.Generator | None) -> ActiveSet:
     """The entries with g != 0 and their g, for the LocalZO or SparseGrad rule.
 
-    LocalZO draws exactly as `functional.localzo_grad` does with the same generator state (the
-    same `localzo_active`), so both give the same active set and g. `v` is overwritten by |v|.
+    LocalZO draws exactly as `functional.localzo_grad` does on the same v with the same generator
+    state (the same `localzo_active`). `v` is overwritten by |v|.
     """
     abs_v = v.abs_().view(-1)
     if rule.grad == "sparsegrad":
@@ -329,11 +339,40 @@ def zero_grad_like(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
 
 
-def _spike_grad(v, rule: SpikeRule, generator, dtype: torch.dtype):
-    """(dense g, None) for the surrogate rule; (None, active set) for LocalZO and SparseGrad."""
-    if rule.grad == "surrogate":
-        return rule.law.expected_grad(v, rule.delta).to(dtype), None
-    return None, active_set(v, rule, generator)
+def _streamed_forward(x, weight, bias, layer, generator, needs_grad: bool):
+    """Eq. 1 and g, FORWARD_CHUNK time steps at a time: (spikes, dense g or None, ActiveSet or None).
+
+    Each piece's input current is one GEMM into a reused buffer; the recurrence carries (v, s)
+    across pieces; g is formed per piece (dense for the surrogate rule, an active set otherwise).
+    """
+    steps, batch, _ = x.shape
+    n_out = weight.shape[0]
+    rule, dtype = layer.rule, compute_dtype(weight)
+    spikes = torch.empty(steps, batch, n_out, dtype=weight.dtype, device=weight.device)
+    buffer = layer.workspace.get("current", (min(steps, FORWARD_CHUNK), batch, n_out), weight.dtype, weight.device)
+    dense = needs_grad and rule.grad == "surrogate"
+    g = torch.empty(spikes.shape, dtype=dtype, device=weight.device) if dense else None
+    indices, grads, previous = [], [], None
+    for start in range(0, steps, FORWARD_CHUNK):
+        stop = min(steps, start + FORWARD_CHUNK)
+        current = buffer[: stop - start]
+        torch.matmul(x[start:stop].to(weight.dtype), weight.t(), out=current)
+        if bias is not None:
+            current += bias
+        v = lif_recurrence(current, spikes[start:stop], layer.beta, layer.threshold, previous)
+        previous = (v[-1].clone(), spikes[stop - 1])
+        if dense:
+            g[start:stop] = rule.law.expected_grad(v, rule.delta)
+        elif needs_grad:
+            piece = active_set(v, rule, generator)
+            indices.append(piece.index + start * batch * n_out)
+            grads.append(piece.grad)
+    active = None
+    if needs_grad and not dense:
+        index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64, device=weight.device)
+        values = torch.cat(grads) if grads else torch.zeros(0, dtype=torch.float32, device=weight.device)
+        active = ActiveSet(index, values, spikes.shape)
+    return spikes, g, active
 
 
 class TorchBackend:
@@ -358,23 +397,18 @@ class LIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, generator, needs_grad, backend):
-        workspace = layer.workspace
-        steps, batch, _ = x.shape
-        current = workspace.get("current", (steps, batch, weight.shape[0]), weight.dtype, weight.device)
-        torch.matmul(x.to(weight.dtype), weight.t(), out=current)
-        if bias is not None:
-            current += bias
         rule = layer.rule
         if needs_grad and rule.grad == "localzo" and backend.localzo_forward is not None:
+            current = torch.matmul(x.to(weight.dtype), weight.t())
+            if bias is not None:
+                current += bias
             spikes, active = backend.localzo_forward(current, layer.beta, layer.threshold, rule, generator)
             spikes, g = spikes.to(weight.dtype), None
         else:
-            spikes = torch.empty_like(current)
-            v = lif_recurrence(current, spikes, layer.beta, layer.threshold)
+            spikes, g, active = _streamed_forward(x, weight, bias, layer, generator, needs_grad)
             if not needs_grad:
-                layer.record(path="none", active_fraction=None, saved_bytes=0, backend=backend.name, grid=current.numel())
+                layer.record(path="none", active_fraction=None, saved_bytes=0, backend=backend.name, grid=spikes.numel())
                 return spikes
-            g, active = _spike_grad(v, rule, generator, compute_dtype(weight))
         fraction = active.fraction if active is not None else float(torch.count_nonzero(g)) / max(1, g.numel())
         path = layer.choose_path(fraction)
         if path == "dense" and g is None:
@@ -383,11 +417,11 @@ class LIFFunction(torch.autograd.Function):
             index = torch.nonzero(g.view(-1)).squeeze(1)
             active, g = ActiveSet(index, g.view(-1)[index], g.shape), None
         ctx.beta, ctx.path, ctx.has_bias = layer.beta, path, bias is not None
-        ctx.upstream, ctx.workspace, ctx.backend = link_of(x), workspace, backend
+        ctx.upstream, ctx.workspace, ctx.backend = link_of(x), layer.workspace, backend
         ctx.link = SpikeLink(active) if active is not None else None
         ctx.save_for_backward(x, weight, g)
         saved = active.nbytes if path == "sparse" else g.numel() * g.element_size()
-        layer.record(path=path, active_fraction=fraction, saved_bytes=saved, backend=backend.name, grid=current.numel())
+        layer.record(path=path, active_fraction=fraction, saved_bytes=saved, backend=backend.name, grid=spikes.numel())
         if ctx.link is not None:
             setattr(spikes, LINK_ATTR, ctx.link)
         return spikes
