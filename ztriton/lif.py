@@ -10,11 +10,13 @@ ds = grad_s * g:
     dL/dW = sum_{t,b} ds[t,b,:]^T eps[t,b,:]          (only active entries contribute)
     dL/dx[k] = D[k] W,  D[k] = sum_{t>=k} beta^{t-k} ds[t]   (a reverse-time filter of ds)
 
-The dense path forms ds on the whole (T, B, N) grid and uses GEMMs; the sparse path touches only
-the active entries (g != 0): the weight gradient gathers the trace at their rows, and where the input
-came from another spiking layer, the input gradient is computed only at that layer's active entries
-(the only places where its g, hence its need for a gradient, is non-zero). The set travels with the
-output spikes as a `SpikeLink`.
+The forward streams the input current FORWARD_CHUNK steps at a time and keeps only the active
+entries (g != 0) for backward. The dense path forms ds on the whole (T, B, N) grid and uses GEMMs;
+the sparse path touches only the active entries: the weight gradient multiplies them, as a sparse
+matrix, with the trace built chunk by chunk, and where the input came from another spiking layer,
+the input gradient is computed only at that layer's active entries (the only places where its g,
+hence its need for a gradient, is non-zero). The set travels with the output spikes as a
+`SpikeLink`.
 """
 
 from __future__ import annotations
