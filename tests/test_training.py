@@ -229,6 +229,7 @@ def _ddp_worker(rank, world, store, x, y, out_dir):
     loss.backward()
     if rank == 0:
         torch.save([p.grad for p in model.module.parameters()], out_dir / "ddp.pt")
+    dist.barrier()  # no process may tear the group down while the other still uses it
     dist.destroy_process_group()
 
 

@@ -275,6 +275,11 @@ class Processes:
     def wrap(self, model: nn.Module) -> nn.Module:
         return DistributedDataParallel(model) if self.world > 1 else model
 
+    def finish(self) -> None:
+        """Wait for every process (none may tear the group down while another still uses it)."""
+        if self.world > 1:
+            dist.barrier()
+
     def sum(self, *values: float) -> list[float]:
         if self.world == 1:
             return list(values)
@@ -428,6 +433,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         _write_json(summary, run_dir / "summary.json")
         if step_log:
             plot_run(run_dir, step_log, epoch_log)
+    procs.finish()
     return summary
 
 
