@@ -163,13 +163,13 @@ def test_shd_events_are_binned_on_a_fixed_grid(tmp_path):
 def test_shd_missing_and_corrupt_files(tmp_path):
     from ztriton.data import load_shd
 
-    with pytest.raises(DataError, match="SHD file .*shd_train.h5 is missing"):
+    with pytest.raises(DataError, match=r"SHD .*shd_train.h5: missing; place .*\(or pass --download"):
         load_shd(tmp_path, 10, 2.0)
     _write_shd(tmp_path, "train", [([0.001], [1], 0)])
     _write_shd(tmp_path, "test", [([0.001], [1], 0)])
     data = (tmp_path / "SHD" / "shd_train.h5").read_bytes()
     (tmp_path / "SHD" / "shd_train.h5").write_bytes(data[: len(data) // 3])
-    with pytest.raises(DataError, match="unreadable SHD file"):
+    with pytest.raises(DataError, match="shd_train.h5: unreadable files"):
         load_shd(tmp_path, 10, 2.0)
 
 
@@ -199,7 +199,7 @@ def test_nmnist_polarities_merge_into_1156_inputs(tmp_path):
 def test_nmnist_missing_files(tmp_path):
     from ztriton.data import load_nmnist
 
-    with pytest.raises(DataError, match="N-MNIST files missing: place train.zip"):
+    with pytest.raises(DataError, match="N-MNIST .*: files missing; place train.zip"):
         load_nmnist(tmp_path, 5, 1.0)
 
 
@@ -263,3 +263,16 @@ def test_cli_bad_values_write_nothing(tmp_path, capsys, flags, message):
     assert main(["train", "--out", str(tmp_path / "run")] + flags) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import tonic
+
+    from ztriton.data import load_shd
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tonic.datasets, "SHD", offline)
+    with pytest.raises(DataError, match="missing; place .* the download failed \\(no network\\)"):
+        load_shd(tmp_path, 10, 2.0, download=True)

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train a fully connected SNN (default: mnist5k, no download)")
     t.add_argument("--dataset", choices=sorted(PRESETS), default="mnist5k")
     t.add_argument("--data-dir", default="data")
+    t.add_argument("--download", action="store_true", default=None,
+                   help="let tonic download SHD / N-MNIST when the files are not in --data-dir")
     t.add_argument("--grad", choices=["localzo", "sparsegrad", "surrogate"], default="localzo")
     t.add_argument("--dist", choices=["normal", "uniform", "laplace", "sigmoid", "fast_sigmoid"], default="normal")
     t.add_argument("--delta", type=float, default=0.05)

@@ -203,7 +203,19 @@ def _cached(root: Path, key: str, build) -> EventDataset:
     return data
 
 
-def load_shd(root: Path, steps: int, dt_ms: float) -> tuple[EventDataset, EventDataset]:
+def _tonic_split(make, present: bool, missing: str, download: bool):
+    """One split through tonic: from files in place, or downloaded by tonic when `download` is set."""
+    if not present and not download:
+        raise DataError(f"{missing} (or pass --download with a network connection)")
+    try:
+        return make()
+    except (OSError, RuntimeError, KeyError, ValueError) as err:  # h5py reports corrupt files as OSError
+        if present:
+            raise DataError(f"{missing.split(':')[0]}: unreadable files ({err})") from None
+        raise DataError(f"{missing}; the download failed ({err})") from None
+
+
+def load_shd(root: Path, steps: int, dt_ms: float, download: bool = False) -> tuple[EventDataset, EventDataset]:
     """Spiking Heidelberg Digits through tonic (700 units, 20 classes) from root/SHD/."""
     import tonic
 
@@ -211,18 +223,15 @@ def load_shd(root: Path, steps: int, dt_ms: float) -> tuple[EventDataset, EventD
     splits = []
     for train in (True, False):
         name = "shd_train.h5" if train else "shd_test.h5"
-        for needed in (root / "SHD" / name, root / "SHD" / f"{name}.zip"):
-            if not needed.exists():
-                raise DataError(
-                    f"SHD file {needed} is missing; place shd_train.h5, shd_test.h5 and their .zip "
-                    f"archives in {root / 'SHD'} (or run once with a network connection)"
-                )
-        try:
+        present = all(p.exists() for p in (root / "SHD" / name, root / "SHD" / f"{name}.zip"))
+        missing = f"SHD {root / 'SHD' / name}: missing; place shd_train.h5, shd_test.h5 and their .zip archives there"
+
+        def make(train=train):
             dataset = tonic.datasets.SHD(str(root), train=train)
             build = lambda: _decode(dataset, lambda e: e["x"], dt_ms, steps, 700, 20)  # noqa: E731
-            splits.append(_cached(root, f"shd-{'train' if train else 'test'}-T{steps}-dt{dt_ms:g}", build))
-        except (OSError, KeyError, ValueError) as err:  # h5py reports truncated or corrupt files as OSError
-            raise DataError(f"{root / 'SHD' / name}: unreadable SHD file ({err})") from None
+            return _cached(root, f"shd-{'train' if train else 'test'}-T{steps}-dt{dt_ms:g}", build)
+
+        splits.append(_tonic_split(make, present, missing, download))
     return splits[0], splits[1]
 
 
@@ -238,20 +247,21 @@ def nmnist_class(min_files: int = 10_000):
     return NMNISTFolder
 
 
-def load_nmnist(root: Path, steps: int, dt_ms: float, min_files: int = 10_000) -> tuple[EventDataset, EventDataset]:
+def load_nmnist(
+    root: Path, steps: int, dt_ms: float, min_files: int = 10_000, download: bool = False
+) -> tuple[EventDataset, EventDataset]:
     """N-MNIST through tonic from root/NMNIST/; polarities merged into 34 x 34 = 1156 inputs."""
     root = Path(root)
     splits = []
     for train, zip_name, folder in ((True, "train.zip", "Train"), (False, "test.zip", "Test")):
         base = root / "NMNIST"
-        if not (base / zip_name).exists() or not any((base / folder).glob("*/*.bin")):
-            raise DataError(
-                f"N-MNIST files missing: place {zip_name} and the extracted {folder}/<digit>/*.bin files in {base}"
-            )
-        try:
+        present = (base / zip_name).exists() and any((base / folder).glob("*/*.bin"))
+        missing = f"N-MNIST {base}: files missing; place {zip_name} and the extracted {folder}/<digit>/*.bin files there"
+
+        def make(train=train):
             dataset = nmnist_class(min_files)(str(root), train=train)
-        except RuntimeError as err:  # tonic tried to download
-            raise DataError(f"N-MNIST in {base}: incomplete ({err})") from None
-        build = lambda: _decode(dataset, lambda e: e["x"] + 34 * e["y"], dt_ms, steps, 1156, 10)  # noqa: E731
-        splits.append(_cached(root, f"nmnist-{'train' if train else 'test'}-T{steps}-dt{dt_ms:g}", build))
+            build = lambda: _decode(dataset, lambda e: e["x"] + 34 * e["y"], dt_ms, steps, 1156, 10)  # noqa: E731
+            return _cached(root, f"nmnist-{'train' if train else 'test'}-T{steps}-dt{dt_ms:g}", build)
+
+        splits.append(_tonic_split(make, present, missing, download))
     return splits[0], splits[1]

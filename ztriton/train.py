@@ -45,6 +45,7 @@ PRESETS = {
 class Config:
     dataset: str = "mnist5k"
     data_dir: str = "data"
+    download: bool = False
     grad: str = "localzo"
     dist: str = "normal"
     delta: float = 0.05
@@ -156,8 +157,10 @@ def load_data(cfg: Config):
         return load_mnist5k(cfg.steps, cfg.seed)
     if cfg.dataset == "fmnist":
         return load_fmnist(Path(cfg.data_dir), cfg.steps)
-    loader = load_shd if cfg.dataset == "shd" else load_nmnist
-    return loader(Path(cfg.data_dir), cfg.steps, PRESETS[cfg.dataset]["dt_ms"])
+    dt_ms = PRESETS[cfg.dataset]["dt_ms"]
+    if cfg.dataset == "shd":
+        return load_shd(Path(cfg.data_dir), cfg.steps, dt_ms, download=cfg.download)
+    return load_nmnist(Path(cfg.data_dir), cfg.steps, dt_ms, download=cfg.download)
 
 
 def _timed_step(model, x, y, cfg):
