@@ -271,24 +271,26 @@ def filtered_grad(ds: torch.Tensor, active: ActiveSet, beta: float, workspace: W
     return reverse_filter_(dense, beta)
 
 
+def _row_dots(flat, rows, weight_t, inputs, out, workspace: Workspace) -> None:
+    """out[k] = flat[rows[k]] . weight_t[inputs[k]], GATHER_CHUNK targets at a time."""
+    width = flat.shape[1]
+    block = workspace.get("rows", (GATHER_CHUNK, width), flat.dtype, flat.device)
+    columns = workspace.get("columns", (GATHER_CHUNK, width), flat.dtype, flat.device)
+    for lo in range(0, rows.numel(), GATHER_CHUNK):
+        hi = min(rows.numel(), lo + GATHER_CHUNK)
+        picked = torch.index_select(flat, 0, rows[lo:hi], out=block[: hi - lo])
+        picked.mul_(torch.index_select(weight_t, 0, inputs[lo:hi], out=columns[: hi - lo]))
+        torch.sum(picked, 1, out=out[lo:hi])
+
+
 def input_grad_at(
     filtered: torch.Tensor, weight: torch.Tensor, targets: ActiveSet, workspace: Workspace | None = None
 ) -> torch.Tensor:
     """dL/dx only at `targets` (entries of the input grid): D[t, b, :] . W[:, j] for each (t, b, j)."""
-    width = filtered.shape[2]
-    flat = filtered.view(-1, width)
-    weight_t = weight.t().to(filtered.dtype)
-    rows = targets.rows()
-    inputs = targets.index % targets.shape[2]
     out = torch.empty(targets.nnz, dtype=filtered.dtype, device=filtered.device)
-    workspace = workspace or Workspace()
-    block = workspace.get("rows", (GATHER_CHUNK, width), filtered.dtype, filtered.device)
-    columns = workspace.get("columns", (GATHER_CHUNK, width), filtered.dtype, filtered.device)
-    for lo in range(0, targets.nnz, GATHER_CHUNK):
-        hi = min(targets.nnz, lo + GATHER_CHUNK)
-        picked = torch.index_select(flat, 0, rows[lo:hi], out=block[: hi - lo])
-        picked.mul_(torch.index_select(weight_t, 0, inputs[lo:hi], out=columns[: hi - lo]))
-        torch.sum(picked, 1, out=out[lo:hi])
+    weight_t = weight.t().to(filtered.dtype).contiguous()
+    _row_dots(filtered.view(-1, filtered.shape[2]), targets.rows(), weight_t, targets.index % targets.shape[2],
+              out, workspace or Workspace())
     return out
 
 
@@ -305,8 +307,6 @@ def sparse_input_grad(
     steps, batch, width = active.shape
     workspace = workspace or Workspace()
     chunk = workspace.get("reverse", (TRACE_CHUNK, batch, width), ds.dtype, ds.device)
-    block = workspace.get("rows", (GATHER_CHUNK, width), ds.dtype, ds.device)
-    columns = workspace.get("columns", (GATHER_CHUNK, width), ds.dtype, ds.device)
     carry = torch.zeros(batch, width, dtype=ds.dtype, device=ds.device)
     weight_t = weight.t().to(ds.dtype).contiguous()
     starts = torch.arange(0, steps + TRACE_CHUNK, TRACE_CHUNK, device=ds.device)
@@ -315,7 +315,6 @@ def sparse_input_grad(
     target_inputs = targets.index % targets.shape[2]
     target_bounds = torch.searchsorted(target_rows, starts * batch).tolist()
     out = torch.empty(targets.nnz, dtype=ds.dtype, device=ds.device)
-    flat = chunk.view(-1, width)
     for number in range(len(starts) - 2, -1, -1):
         if target_bounds[number + 1] == 0:
             break  # no target at or before this chunk
@@ -328,11 +327,9 @@ def sparse_input_grad(
         for t in range(length - 2, -1, -1):
             chunk[t].add_(chunk[t + 1], alpha=beta)
         carry.copy_(chunk[0])
-        for first in range(target_bounds[number], target_bounds[number + 1], GATHER_CHUNK):
-            last = min(target_bounds[number + 1], first + GATHER_CHUNK)
-            picked = torch.index_select(flat, 0, target_rows[first:last] - start * batch, out=block[: last - first])
-            picked.mul_(torch.index_select(weight_t, 0, target_inputs[first:last], out=columns[: last - first]))
-            torch.sum(picked, 1, out=out[first:last])
+        first, last = target_bounds[number], target_bounds[number + 1]
+        _row_dots(chunk.view(-1, width), target_rows[first:last] - start * batch, weight_t,
+                  target_inputs[first:last], out[first:last], workspace)
     return out
 
 

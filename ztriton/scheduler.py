@@ -69,6 +69,10 @@ class Scheduler:
             self._known[key] = (value, source)
         return self._known[key]
 
+    def forget(self) -> None:
+        """Drop the crossovers read so far (the next choice reads the calibration file again)."""
+        self._known.clear()
+
     def choose(self, active_fraction: float, device: torch.device | str) -> str:
         return "sparse" if active_fraction < self.crossover(device)[0] else "dense"
 
@@ -145,6 +149,7 @@ def calibrate(
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table, indent=2))
         tmp.replace(path)
+        DEFAULT_SCHEDULER.forget()
     return entry
 
 
