@@ -75,11 +75,11 @@ def methods(x, active, ds, n_out, device):
 
     def torch_sparse():
         trace = reverse_free_trace(x)
-        neurons = active.index % n_out
+        neurons = active.neurons
         order = torch.sort(neurons, stable=True).indices
         crow = torch.zeros(n_out + 1, dtype=torch.int64, device=device)
         crow[1:] = torch.cumsum(torch.bincount(neurons, minlength=n_out), 0)
-        matrix = torch.sparse_csr_tensor(crow, active.rows()[order], ds[order], (n_out, steps * batch), check_invariants=False)
+        matrix = torch.sparse_csr_tensor(crow, active.rows[order], ds[order], (n_out, steps * batch), check_invariants=False)
         return matrix @ trace.view(-1, n_in)
 
     def reverse_free_trace(src):
@@ -98,7 +98,7 @@ def methods(x, active, ds, n_out, device):
 
         def triton():
             trace = _triton_filter(x, reverse=False)
-            return triton_weight_grad(trace, ds, active.rows(), active.index % n_out, n_out)
+            return triton_weight_grad(trace, ds, active.rows, active.neurons, n_out)
 
         out["triton"] = triton
     return out

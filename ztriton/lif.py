@@ -21,6 +21,7 @@ hence its need for a gradient, is non-zero). The set travels with the output spi
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -86,19 +87,24 @@ class ActiveSet:
     def fraction(self) -> float:
         return self.nnz / max(1, self.shape.numel())
 
-    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(t, b, n) of every active entry."""
-        _, batch, width = self.shape
-        row, neuron = torch.div(self.index, width, rounding_mode="floor"), self.index % width
-        return torch.div(row, batch, rounding_mode="floor"), row % batch, neuron
-
+    @functools.cached_property
     def rows(self) -> torch.Tensor:
-        """Row t * B + b of the flattened (T * B, N) grid for every active entry."""
+        """Row t * B + b of the flattened (T * B, N) grid for every active entry (computed on first use)."""
         return torch.div(self.index, self.shape[2], rounding_mode="floor")
 
-    def dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
+    @functools.cached_property
+    def neurons(self) -> torch.Tensor:
+        """Neuron n of every active entry (computed on first use)."""
+        return self.index % self.shape[2]
+
+    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, b, n) of every active entry."""
+        batch = self.shape[1]
+        return torch.div(self.rows, batch, rounding_mode="floor"), self.rows % batch, self.neurons
+
+    def dense(self) -> torch.Tensor:
         """g on the full grid (zero where inactive)."""
-        out = torch.zeros(self.shape, dtype=self.grad.dtype, device=self.grad.device) if out is None else out.zero_()
+        out = torch.zeros(self.shape, dtype=self.grad.dtype, device=self.grad.device)
         out.view(-1).index_copy_(0, self.index, self.grad)
         return out
 
@@ -221,9 +227,9 @@ def sparse_weight_grad(
     grad_w = torch.zeros(weight_shape, dtype=ds.dtype, device=x.device)
     if active.nnz == 0:
         return grad_w
-    rows = active.rows()
+    rows = active.rows
     span = TRACE_CHUNK * batch
-    key = torch.div(rows, span, rounding_mode="floor") * n_out + active.index % active.shape[2]
+    key = torch.div(rows, span, rounding_mode="floor") * n_out + active.neurons
     order = torch.argsort(key, stable=True)
     n_chunks = -(-steps // TRACE_CHUNK)
     crow_all = torch.zeros(n_chunks * n_out + 1, dtype=torch.int64, device=x.device)
@@ -232,15 +238,16 @@ def sparse_weight_grad(
     bounds = crow_all[::n_out].tolist()
     workspace = workspace or Workspace()
     trace = workspace.get("trace", (TRACE_CHUNK, batch, n_in), ds.dtype, x.device)
-    previous = torch.zeros(batch, n_in, dtype=ds.dtype, device=x.device)
+    carry = workspace.get("carry", (batch, n_in), ds.dtype, x.device).zero_()  # eps before the chunk
     flat = trace.view(span, n_in)
     last_chunk = int(key.max()) // n_out
     for chunk in range(last_chunk + 1):
         start = chunk * TRACE_CHUNK
+        previous = carry
         for step in range(min(TRACE_CHUNK, steps - start)):
             torch.add(x[start + step], previous, alpha=beta, out=trace[step])  # eps[t] = x[t] + beta eps[t-1]
             previous = trace[step]
-        previous = previous.clone()
+        carry.copy_(previous)
         lo, hi = bounds[chunk], bounds[chunk + 1]
         if hi > lo:
             crow = crow_all[chunk * n_out : (chunk + 1) * n_out + 1] - lo
@@ -248,7 +255,7 @@ def sparse_weight_grad(
                 warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
                 matrix = torch.sparse_csr_tensor(crow, local_rows[lo:hi], values[lo:hi], (n_out, span),
                                                  check_invariants=False)
-            grad_w += matrix @ flat
+            grad_w.addmm_(matrix, flat)
     return grad_w
 
 
@@ -289,8 +296,8 @@ def input_grad_at(
     """dL/dx only at `targets` (entries of the input grid): D[t, b, :] . W[:, j] for each (t, b, j)."""
     out = torch.empty(targets.nnz, dtype=filtered.dtype, device=filtered.device)
     weight_t = weight.t().to(filtered.dtype).contiguous()
-    _row_dots(filtered.view(-1, filtered.shape[2]), targets.rows(), weight_t, targets.index % targets.shape[2],
-              out, workspace or Workspace())
+    _row_dots(filtered.view(-1, filtered.shape[2]), targets.rows, weight_t, targets.neurons, out,
+              workspace or Workspace())
     return out
 
 
@@ -311,8 +318,7 @@ def sparse_input_grad(
     weight_t = weight.t().to(ds.dtype).contiguous()
     starts = torch.arange(0, steps + TRACE_CHUNK, TRACE_CHUNK, device=ds.device)
     source_bounds = torch.searchsorted(active.index, starts * batch * width).tolist()
-    target_rows = targets.rows()
-    target_inputs = targets.index % targets.shape[2]
+    target_rows, target_inputs = targets.rows, targets.neurons
     target_bounds = torch.searchsorted(target_rows, starts * batch).tolist()
     out = torch.empty(targets.nnz, dtype=ds.dtype, device=ds.device)
     for number in range(len(starts) - 2, -1, -1):

@@ -40,8 +40,7 @@ class TritonBackend:
         from .kernels.time_filter import time_filter
 
         trace = time_filter(x, beta)
-        neurons = active.index % active.shape[2]
-        return sparse_weight_grad(trace, ds, active.rows(), neurons, weight_shape[0]).to(ds.dtype)
+        return sparse_weight_grad(trace, ds, active.rows, active.neurons, weight_shape[0]).to(ds.dtype)
 
     @staticmethod
     def filtered_grad(ds, active: ActiveSet, beta: float, workspace: Workspace | None = None):
@@ -57,5 +56,4 @@ class TritonBackend:
         from .kernels.sparse_input_grad import sparse_input_grad
 
         filtered = TritonBackend.filtered_grad(ds, active, beta, workspace)
-        inputs = targets.index % targets.shape[2]
-        return sparse_input_grad(filtered, weight, targets.rows(), inputs).to(ds.dtype)
+        return sparse_input_grad(filtered, weight, targets.rows, targets.neurons).to(ds.dtype)
