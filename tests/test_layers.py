@@ -394,3 +394,37 @@ def test_time_chunks_of_the_forward_join_seamlessly():
     sparse_layers, sparse_readout = make_stack([11, 9, 7, 3], [0.95, 0.9], "sparse", grad="surrogate", delta=0.2)
     for a, b in zip(run_stack(dense_layers, dense_readout, x)[1], run_stack(sparse_layers, sparse_readout, x)[1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_sparse_inputs_take_the_event_driven_current(binary):
+    """Inputs below EVENT_DENSITY are summed over their events: same spikes and gradients as eq. 1."""
+    from ztriton.lif import EVENT_DENSITY
+
+    gen = torch.Generator().manual_seed(8)
+    mask = torch.rand(90, 6, 40, generator=gen) < 0.02
+    x = mask.double() * (1.0 if binary else torch.rand(90, 6, 40, generator=gen, dtype=torch.float64) * 3)
+    assert 0 < (x != 0).double().mean() < EVENT_DENSITY
+    layers, readout = make_stack([40, 13, 9, 3], [0.95, 0.9], "sparse", delta=0.3, gain=4.0)
+    spikes, grads = run_stack(layers, readout, x)
+    ref_spikes, ref_grads = reference_stack(layers, readout, x, spikes)
+    assert 0 < spikes[0].mean() < EVENT_DENSITY  # the second layer's input is sparse too
+    for a, b in zip(spikes, ref_spikes):
+        assert torch.equal(a, b.detach())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_event_current_equals_the_gemm_and_declines_dense_input():
+    from ztriton.lif import _event_current
+
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(7, 30, generator=gen, dtype=torch.float64)
+    x = (torch.rand(5, 4, 30, generator=gen) < 0.03).double() * torch.rand(5, 4, 30, generator=gen, dtype=torch.float64)
+    out = torch.empty(5, 4, 7, dtype=torch.float64)
+    assert _event_current(x, weight.t().contiguous(), out)
+    torch.testing.assert_close(out, x @ weight.t(), rtol=1e-12, atol=1e-12)
+    dense = torch.rand(5, 4, 30, generator=gen, dtype=torch.float64)
+    untouched = torch.full((5, 4, 7), 7.0, dtype=torch.float64)
+    assert not _event_current(dense, weight.t().contiguous(), untouched)
+    assert torch.all(untouched == 7.0)

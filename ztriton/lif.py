@@ -33,6 +33,9 @@ from .functional import localzo_active
 #: time steps whose input current is held at once by the forward (the whole (T, B, N) current
 #: is never materialised on the torch backend)
 FORWARD_CHUNK = 64
+#: input density up to which the input current is summed over events instead of a dense GEMM
+#: (on a 2-core CPU, a 64-step chunk at 2 % density: 7.8 ms against 24 ms for the GEMM)
+EVENT_DENSITY = 0.05
 #: time steps of input trace held at once by the sparse weight gradient (a 16 x B x N_in block
 #: stays in cache while its rows are gathered)
 TRACE_CHUNK = 16
@@ -344,11 +347,31 @@ def zero_grad_like(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
 
 
+def _event_current(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = x W^T summed over the non-zero inputs only (embedding-bag rows of W^T, weighted by x).
+
+    Returns False, leaving `out` untouched, when more than EVENT_DENSITY of x is non-zero: a dense
+    GEMM is then faster.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    rows, cols = torch.nonzero(flat, as_tuple=True)
+    if rows.numel() > EVENT_DENSITY * flat.numel():
+        return False
+    offsets = torch.zeros(flat.shape[0], dtype=torch.int64, device=x.device)
+    torch.cumsum(torch.bincount(rows, minlength=flat.shape[0])[:-1], 0, out=offsets[1:])
+    summed = torch.nn.functional.embedding_bag(
+        cols, table, offsets, mode="sum", per_sample_weights=flat[rows, cols].to(table.dtype)
+    )
+    out.copy_(summed.view(out.shape))
+    return True
+
+
 def _streamed_forward(x, weight, bias, layer, generator, needs_grad: bool):
     """Eq. 1 and g, FORWARD_CHUNK time steps at a time: (spikes, dense g or None, ActiveSet or None).
 
-    Each piece's input current is one GEMM into a reused buffer; the recurrence carries (v, s)
-    across pieces; g is formed per piece (dense for the surrogate rule, an active set otherwise).
+    Each piece's input current goes into a reused buffer, summed over the input events while the
+    input is sparse, else by one GEMM; the recurrence carries (v, s) across pieces; g is formed
+    per piece (dense for the surrogate rule, an active set otherwise).
     """
     steps, batch, _ = x.shape
     n_out = weight.shape[0]
@@ -358,10 +381,14 @@ def _streamed_forward(x, weight, bias, layer, generator, needs_grad: bool):
     dense = needs_grad and rule.grad == "surrogate"
     g = torch.empty(spikes.shape, dtype=dtype, device=weight.device) if dense else None
     indices, grads, previous = [], [], None
+    events, table = True, weight.t().contiguous()  # event-driven while the input stays sparse
     for start in range(0, steps, FORWARD_CHUNK):
         stop = min(steps, start + FORWARD_CHUNK)
         current = buffer[: stop - start]
-        torch.matmul(x[start:stop].to(weight.dtype), weight.t(), out=current)
+        if events:
+            events = _event_current(x[start:stop], table, current)
+        if not events:
+            torch.matmul(x[start:stop].to(weight.dtype), weight.t(), out=current)
         if bias is not None:
             current += bias
         v = lif_recurrence(current, spikes[start:stop], layer.beta, layer.threshold, previous)
