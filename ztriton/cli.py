@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="let tonic download SHD / N-MNIST when the files are not in --data-dir")
     t.add_argument("--grad", choices=["localzo", "sparsegrad", "surrogate"], default="localzo")
     t.add_argument("--dist", choices=["normal", "uniform", "laplace", "sigmoid", "fast_sigmoid"], default="normal")
-    t.add_argument("--delta", type=float, default=0.05)
+    t.add_argument("--delta", type=float, default=None, help="default: the dataset preset")
     t.add_argument("--m", type=int, default=1)
     t.add_argument("--bth", type=float, default=None)
     t.add_argument("--path", choices=["auto", "dense", "sparse"], default="auto")
