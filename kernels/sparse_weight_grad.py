@@ -3,8 +3,8 @@
 Format: CSR by output neuron. The active entries are sorted by neuron (a stable sort of the
 time-ordered set), so one program owns one output neuron i and BLOCK_IN input columns and walks
 that neuron's entries BLOCK_E at a time: it gathers their trace rows, scales them by ds and sums.
-Why this format: LocalZO activity is scattered (DESIGN.md section 2: 16 x 16 blocks are ~72 %
-non-empty at 0.5 % density, so block formats save little), while the entries of one neuron are
+Why this format: LocalZO activity is scattered (measured: 16 x 16 blocks are ~72 % non-empty at
+0.5 % density, so block formats save little), while the entries of one neuron are
 independent rows of the trace; grouping by neuron gives each program a private output row, so
 the sum is deterministic without float atomics, and the work is nnz x N_in instead of T B N_out N_in.
 """

@@ -1,7 +1,7 @@
 """Datasets for the training application: latency-coded images (mnist5k, Fashion-MNIST).
 
 Images become one spike per pixel at t = tau_eff ln(x / (x - theta)) steps (x in [0, 1]; pixels
-x <= theta never fire; times >= T are dropped), DESIGN.md section 3. A dataset keeps the spike
+x <= theta never fire; times >= T are dropped), as in the paper's FMNIST set-up. A dataset keeps the spike
 time of every input (-1: none) and builds dense (T, B, N) batches on demand.
 """
 

@@ -1,4 +1,4 @@
-"""Training application: the paper's fully connected SNNs (DESIGN.md section 3).
+"""Training application: the paper's fully connected SNNs (its section 5, Table 3).
 
 input -> hidden LIF layers (SparseLIFLinear) -> LeakyReadout; logits = max or sum over time of the
 readout; loss = NLL of log-softmax + a spike-count regulariser on the hidden layers. Every
@@ -27,7 +27,7 @@ from .layers import LeakyReadout, SparseLIFLinear
 
 PRESETS = {
     # T, beta, readout beta, readout over time, lr, batch, LocalZO delta, init law and its gain on the
-    # hidden layers. fmnist, nmnist and shd are the paper's presets (DESIGN.md section 3); mnist5k
+    # hidden layers. fmnist, nmnist and shd are the paper's presets (its fully connected experiments); mnist5k
     # (4,000 training digits) takes batch 32, lr 2e-3, delta 0.1 and a 5x hidden init so that the
     # small set trains in a minute: with the 1x init the hidden layers stay silent, with batch 256
     # an epoch is only 16 steps, and with delta 0.05 one seed in three stalled near 80 % for 20 epochs.
