@@ -79,7 +79,10 @@ def methods(x, active, ds, n_out, device):
         order = torch.sort(neurons, stable=True).indices
         crow = torch.zeros(n_out + 1, dtype=torch.int64, device=device)
         crow[1:] = torch.cumsum(torch.bincount(neurons, minlength=n_out), 0)
-        matrix = torch.sparse_csr_tensor(crow, active.rows[order], ds[order], (n_out, steps * batch), check_invariants=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            matrix = torch.sparse_csr_tensor(crow, active.rows[order], ds[order], (n_out, steps * batch),
+                                             check_invariants=False)
         return matrix @ trace.view(-1, n_in)
 
     def reverse_free_trace(src):
@@ -129,7 +132,6 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results", help="folder for kernels.csv and kernels.png")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     device = torch.device(args.device)
     run = timer(device)
     shapes = SHAPES[-1:] if args.quick else SHAPES

@@ -1,0 +1,31 @@
+"""The benchmark scripts: every timed method computes the same result, and the table prints."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_kernels  # noqa: E402
+import bench_layer  # noqa: E402
+
+
+def test_kernel_benchmark_methods_agree():
+    gen = torch.Generator().manual_seed(0)
+    x, active, ds = bench_kernels.case((30, 8, 50, 20), 0.05, torch.device("cpu"), gen)
+    results = {name: fn() for name, fn in bench_kernels.methods(x, active, ds, 20, torch.device("cpu")).items()}
+    assert set(results) == {"dense", "torch-sparse", "engine-torch"}
+    reference = results["dense"]
+    assert reference.abs().sum() > 0
+    for name, value in results.items():
+        torch.testing.assert_close(value.to_dense() if value.is_sparse else value, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_benchmark_prints_its_table(capsys):
+    bench_layer.main(["--steps", "20", "--batch", "4", "--inputs", "30", "--hidden", "16", "--classes", "3",
+                      "--repeats", "1", "--no-memory"])
+    out = capsys.readouterr().out
+    for method in bench_layer.METHODS:
+        assert f"\n{method:<8}" in out
+    assert "active fraction per layer" in out
