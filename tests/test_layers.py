@@ -416,15 +416,13 @@ def test_sparse_inputs_take_the_event_driven_current(binary):
 
 
 def test_event_current_equals_the_gemm_and_declines_dense_input():
-    from ztriton.lif import _event_current
+    from ztriton.lif import event_current, input_events
 
     gen = torch.Generator().manual_seed(4)
     weight = torch.randn(7, 30, generator=gen, dtype=torch.float64)
     x = (torch.rand(5, 4, 30, generator=gen) < 0.03).double() * torch.rand(5, 4, 30, generator=gen, dtype=torch.float64)
-    out = torch.empty(5, 4, 7, dtype=torch.float64)
-    assert _event_current(x, weight.t().contiguous(), out)
+    events = input_events(x)
+    assert events is not None and events[0].numel() == int((x != 0).sum())
+    out = event_current(events, 20, weight.t().contiguous()).view(5, 4, 7)
     torch.testing.assert_close(out, x @ weight.t(), rtol=1e-12, atol=1e-12)
-    dense = torch.rand(5, 4, 30, generator=gen, dtype=torch.float64)
-    untouched = torch.full((5, 4, 7), 7.0, dtype=torch.float64)
-    assert not _event_current(dense, weight.t().contiguous(), untouched)
-    assert torch.all(untouched == 7.0)
+    assert input_events(torch.rand(5, 4, 30, generator=gen, dtype=torch.float64)) is None

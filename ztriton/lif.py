@@ -347,23 +347,22 @@ def zero_grad_like(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
 
 
-def _event_current(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> bool:
-    """out = x W^T summed over the non-zero inputs only (embedding-bag rows of W^T, weighted by x).
-
-    Returns False, leaving `out` untouched, when more than EVENT_DENSITY of x is non-zero: a dense
-    GEMM is then faster.
-    """
+def input_events(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows, columns, values) of the non-zero entries of x seen as (rows, features), or None when
+    more than EVENT_DENSITY of x is non-zero (dense products are then faster)."""
     flat = x.reshape(-1, x.shape[-1])
     rows, cols = torch.nonzero(flat, as_tuple=True)
     if rows.numel() > EVENT_DENSITY * flat.numel():
-        return False
-    offsets = torch.zeros(flat.shape[0], dtype=torch.int64, device=x.device)
-    torch.cumsum(torch.bincount(rows, minlength=flat.shape[0])[:-1], 0, out=offsets[1:])
-    summed = torch.nn.functional.embedding_bag(
-        cols, table, offsets, mode="sum", per_sample_weights=flat[rows, cols].to(table.dtype)
-    )
-    out.copy_(summed.view(out.shape))
-    return True
+        return None
+    return rows, cols, flat[rows, cols]
+
+
+def event_current(events, n_rows: int, table: torch.Tensor) -> torch.Tensor:
+    """(n_rows, N_out) = x W^T summed over the events only: embedding-bag rows of table = W^T."""
+    rows, cols, values = events
+    offsets = torch.zeros(n_rows, dtype=torch.int64, device=table.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows)[:-1], 0, out=offsets[1:])
+    return torch.nn.functional.embedding_bag(cols, table, offsets, mode="sum", per_sample_weights=values.to(table.dtype))
 
 
 def _streamed_forward(x, weight, bias, layer, generator, needs_grad: bool):
@@ -381,13 +380,15 @@ def _streamed_forward(x, weight, bias, layer, generator, needs_grad: bool):
     dense = needs_grad and rule.grad == "surrogate"
     g = torch.empty(spikes.shape, dtype=dtype, device=weight.device) if dense else None
     indices, grads, previous = [], [], None
-    events, table = True, weight.t().contiguous()  # event-driven while the input stays sparse
+    sparse_input, table = True, weight.t().contiguous()  # event-driven while the input stays sparse
     for start in range(0, steps, FORWARD_CHUNK):
         stop = min(steps, start + FORWARD_CHUNK)
         current = buffer[: stop - start]
-        if events:
-            events = _event_current(x[start:stop], table, current)
-        if not events:
+        found = input_events(x[start:stop]) if sparse_input else None
+        if found is not None:
+            current.copy_(event_current(found, (stop - start) * batch, table).view(current.shape))
+        else:
+            sparse_input = False  # once dense, stay with the GEMM
             torch.matmul(x[start:stop].to(weight.dtype), weight.t(), out=current)
         if bias is not None:
             current += bias
