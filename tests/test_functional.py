@@ -168,3 +168,10 @@ def test_no_m_by_shape_allocation(monkeypatch):
 def test_bad_input_is_refused(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_non_contiguous_input():
+    v = (torch.randn(6, 5, generator=torch.Generator().manual_seed(0)) * 0.1).t()
+    assert not v.is_contiguous()
+    g = localzo_grad(v, 0.05, 1, "normal", torch.Generator().manual_seed(3))
+    torch.testing.assert_close(g, localzo_grad(v.contiguous(), 0.05, 1, "normal", torch.Generator().manual_seed(3)))

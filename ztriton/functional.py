@@ -88,7 +88,7 @@ def localzo_active(
 
 
 def _localzo(v, delta: float, m: int, law: Distribution, generator) -> torch.Tensor:
-    index, values = localzo_active(v.detach().abs().view(-1), delta, m, law, generator)
+    index, values = localzo_active(v.detach().abs().reshape(-1), delta, m, law, generator)
     g = torch.zeros(v.numel(), dtype=v.dtype, device=v.device)
     return g.index_copy_(0, index, values.to(v.dtype)).view(v.shape)
 

@@ -271,12 +271,9 @@ def sparse_bias_grad(ds: torch.Tensor, active: ActiveSet, beta: float, n_out: in
     return grad_b.index_add_(0, neurons, ds * gain.to(ds.dtype))
 
 
-def filtered_grad(ds: torch.Tensor, active: ActiveSet, beta: float, workspace: Workspace | None = None) -> torch.Tensor:
+def filtered_grad(ds: torch.Tensor, active: ActiveSet, beta: float) -> torch.Tensor:
     """D = reverse-time filter of ds scattered on the full (T, B, N) grid."""
-    if workspace is None:
-        dense = torch.zeros(active.shape, dtype=ds.dtype, device=ds.device)
-    else:
-        dense = workspace.get("filtered", active.shape, ds.dtype, ds.device).zero_()
+    dense = torch.zeros(active.shape, dtype=ds.dtype, device=ds.device)
     dense.view(-1).index_copy_(0, active.index, ds)
     return reverse_filter_(dense, beta)
 
@@ -468,11 +465,13 @@ class LIFFunction(torch.autograd.Function):
         return grad_x, grad_w.to(weight.dtype), grad_b, None, None, None, None
 
 
-def _input_grad(ctx, x, weight, filtered, dtype):
-    """The gradient returned for x: dense D W for a plain tensor; zero (sent through the link) otherwise."""
+def _input_grad_from_filtered(ctx, x, weight, filtered, dtype, workspace=None):
+    """dL/dx from the full D grid: sent through the link at the upstream layer's active entries
+    (x then gets a zero gradient), or D W for a plain tensor."""
     if not ctx.needs_input_grad[0]:
         return None
     if ctx.upstream is not None:
+        ctx.upstream.receive(input_grad_at(filtered, weight, ctx.upstream.active, workspace))
         return zero_grad_like(x)
     return filtered.view(-1, filtered.shape[2]).matmul(weight.to(dtype)).view(x.shape).to(x.dtype)
 
@@ -487,9 +486,7 @@ def _dense_backward(ctx, grad_spikes, x, weight, g, dtype):
     flat = filtered.view(-1, filtered.shape[2])
     grad_w = flat.t().matmul(x.reshape(-1, x.shape[2]).to(dtype))
     grad_b = flat.sum(0) if ctx.has_bias else None
-    if ctx.needs_input_grad[0] and ctx.upstream is not None:
-        ctx.upstream.receive(input_grad_at(filtered, weight, ctx.upstream.active, ctx.workspace))
-    return _input_grad(ctx, x, weight, filtered, dtype), grad_w, grad_b
+    return _input_grad_from_filtered(ctx, x, weight, filtered, dtype, ctx.workspace), grad_w, grad_b
 
 
 def _sparse_backward(ctx, grad_spikes, x, weight, g, dtype):
@@ -498,14 +495,15 @@ def _sparse_backward(ctx, grad_spikes, x, weight, g, dtype):
     ds = _active_grad(grad_spikes, ctx.link, active, dtype)
     grad_w = backend.weight_grad(ds, active, x, ctx.beta, weight.shape, workspace)
     grad_b = sparse_bias_grad(ds, active, ctx.beta, weight.shape[0]) if ctx.has_bias else None
-    filtered = None
-    if ctx.needs_input_grad[0]:
-        if ctx.upstream is not None:
-            targets = ctx.upstream.active
-            ctx.upstream.receive(backend.sparse_input_grad(ds, active, ctx.beta, weight, targets, workspace))
-        else:
-            filtered = backend.filtered_grad(ds, active, ctx.beta, workspace)
-    return _input_grad(ctx, x, weight, filtered, dtype), grad_w, grad_b
+    if not ctx.needs_input_grad[0]:
+        grad_x = None
+    elif ctx.upstream is not None:
+        targets = ctx.upstream.active
+        ctx.upstream.receive(backend.sparse_input_grad(ds, active, ctx.beta, weight, targets, workspace))
+        grad_x = zero_grad_like(x)
+    else:
+        grad_x = _input_grad_from_filtered(ctx, x, weight, backend.filtered_grad(ds, active, ctx.beta), dtype)
+    return grad_x, grad_w, grad_b
 
 
 class LeakyReadoutFunction(torch.autograd.Function):
@@ -532,11 +530,4 @@ class LeakyReadoutFunction(torch.autograd.Function):
         flat = filtered.view(-1, filtered.shape[2])
         grad_w = flat.t().matmul(spikes.reshape(-1, spikes.shape[2]).to(dtype)).to(weight.dtype)
         grad_b = flat.sum(0).to(weight.dtype) if ctx.has_bias else None
-        grad_s = None
-        if ctx.needs_input_grad[0]:
-            if ctx.upstream is not None:
-                ctx.upstream.receive(input_grad_at(filtered, weight, ctx.upstream.active))
-                grad_s = zero_grad_like(spikes)
-            else:
-                grad_s = flat.matmul(weight.to(dtype)).view(spikes.shape).to(spikes.dtype)
-        return grad_s, grad_w, grad_b, None
+        return _input_grad_from_filtered(ctx, spikes, weight, filtered, dtype), grad_w, grad_b, None

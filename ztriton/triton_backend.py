@@ -43,7 +43,7 @@ class TritonBackend:
         return sparse_weight_grad(trace, ds, active.rows, active.neurons, weight_shape[0]).to(ds.dtype)
 
     @staticmethod
-    def filtered_grad(ds, active: ActiveSet, beta: float, workspace: Workspace | None = None):
+    def filtered_grad(ds, active: ActiveSet, beta: float):
         from .kernels.time_filter import time_filter
 
         dense = torch.zeros(active.shape, dtype=torch.float32, device=ds.device)
@@ -55,5 +55,5 @@ class TritonBackend:
                           workspace: Workspace | None = None):
         from .kernels.sparse_input_grad import sparse_input_grad
 
-        filtered = TritonBackend.filtered_grad(ds, active, beta, workspace)
+        filtered = TritonBackend.filtered_grad(ds, active, beta)
         return sparse_input_grad(filtered, weight, targets.rows, targets.neurons).to(ds.dtype)
