@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ztriton.lif import ActiveSet, reverse_filter_, sparse_weight_grad
+from ztriton.backends.torch_backend import reverse_filter_, sparse_weight_grad
+from ztriton.sparse import ActiveSet
 from ztriton.scheduler import crossover_density
 
 SHAPES = [(100, 256, 784, 200), (300, 256, 1156, 200), (500, 256, 700, 200)]
@@ -115,11 +116,10 @@ def _triton_filter(src, reverse):
 
 def forward_bandwidth(device, run, repeats):
     """Fused forward time vs reading I and writing the spikes at copy bandwidth (T 500, B 256, N 200)."""
-    from ztriton import get_distribution
-    from ztriton.kernels.lif_forward import lif_localzo_forward
+    from ztriton.kernels.lif_forward import NORMAL, lif_localzo_forward
 
     current = torch.randn(500, 256, 200, device=device)
-    fused = run(lambda: lif_localzo_forward(current, 0.82, 1.0, get_distribution("normal"), 0.05, 1, seed=1), repeats)
+    fused = run(lambda: lif_localzo_forward(current, 0.82, 1.0, 0.05, 1, seed=1, offset=0, dist=NORMAL), repeats)
     copy = run(lambda: torch.empty_like(current).copy_(current), repeats)
     # the fused kernel reads I and writes spikes and g: 3 tensors; a copy moves 2
     return fused, copy * 1.5

@@ -127,20 +127,23 @@ def test_no_draw_without_grad():
 
 
 def test_no_m_by_shape_allocation(monkeypatch):
-    """The m samples are drawn one v-shaped tensor at a time."""
+    """The m samples are drawn one candidate-sized tensor at a time, only where |v| < delta * abs_z_bound."""
+    from ztriton import rng
+
     law = get_distribution("normal")
-    shapes = []
-    original = type(law).sample_abs
+    drawn = []
+    original = rng.abs_z
 
-    def spy(self, shape, generator=None, device=None):
-        shapes.append(tuple(shape))
-        return original(self, shape, generator, device)
+    def spy(law, key, index, k):
+        drawn.append((index.tolist(), k))
+        return original(law, key, index, k)
 
-    monkeypatch.setattr(type(law), "sample_abs", spy)
+    monkeypatch.setattr(rng, "abs_z", spy)
     v = torch.zeros(4, 5)
-    v[:2] = 5.5 * 0.05  # beyond delta * abs_z_bound (5.42 delta): never active, so never sampled
+    assert 5.6 < law.abs_z_bound < 5.7  # Box-Muller with u1 >= 1e-7: sqrt(-2 ln 1e-7) = 5.678
+    v[:2] = 5.7 * 0.05  # beyond delta * abs_z_bound: never active, so never sampled
     g = localzo_grad(v, 0.05, 7, law)
-    assert shapes == [(10,)] * 7
+    assert drawn == [(list(range(10, 20)), k) for k in range(7)]
     assert torch.all(g[:2] == 0)
 
 

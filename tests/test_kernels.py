@@ -13,6 +13,7 @@ from ztriton.kernels.sparse_weight_grad import sparse_weight_grad, sparse_weight
 from ztriton.kernels.time_filter import time_filter, time_filter_reference  # noqa: E402
 from ztriton import get_distribution  # noqa: E402
 from ztriton.distributions import FastSigmoid, Sigmoid  # noqa: E402
+from ztriton.backends.triton_backend import sampler_args  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tolerances per input dtype, against references computed in float64 (the kernels accumulate in fp32)
@@ -75,9 +76,12 @@ def test_fused_forward_matches_reference_with_the_same_z(name, m):
     law = LAWS[name](delta)
     steps, batch, n = 9, 3, 37
     current = torch.randn(steps, batch, n, generator=torch.Generator().manual_seed(4)) * 0.8 + 0.3
-    spikes, grad = lif_localzo_forward(current.to(DEVICE), 0.9, 1.0, law, delta, m, seed=1234, block=64)
-    abs_z = sample_abs_z(law, m * current.numel(), 1234, DEVICE).cpu().view(m, steps, batch, n)
-    ref_spikes, ref_grad = lif_localzo_forward_reference(current, 0.9, 1.0, law, delta, abs_z)
+    args = sampler_args(law, torch.device(DEVICE))
+    spikes, grad = lif_localzo_forward(current.to(DEVICE), 0.9, 1.0, delta, m, 1234, 8, alpha=law.alpha, c=law.c,
+                                       block=64, **args)
+    abs_z = torch.stack([sample_abs_z(current.numel(), 1234, 8, k, DEVICE, **args) for k in range(m)])
+    abs_z = abs_z.cpu().view(m, steps, batch, n)
+    ref_spikes, ref_grad = lif_localzo_forward_reference(current, 0.9, 1.0, law.alpha, law.c, delta, abs_z)
     flips = (spikes.cpu().double() != ref_spikes).double().mean()
     assert flips <= 1e-3  # a spike can flip only for v within rounding of 0
     agree = (grad.cpu() != 0) == (ref_grad != 0)
@@ -89,11 +93,14 @@ def test_fused_forward_matches_reference_with_the_same_z(name, m):
 def test_fused_forward_is_reproducible_by_seed():
     law = get_distribution("normal")
     current = torch.randn(6, 2, 50, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    a = lif_localzo_forward(current, 0.9, 1.0, law, 0.5, 1, seed=7)
-    b = lif_localzo_forward(current, 0.9, 1.0, law, 0.5, 1, seed=7)
-    c = lif_localzo_forward(current, 0.9, 1.0, law, 0.5, 1, seed=8)
+    args = sampler_args(law, torch.device(DEVICE))
+    a = lif_localzo_forward(current, 0.9, 1.0, 0.5, 1, 7, 0, **args)
+    b = lif_localzo_forward(current, 0.9, 1.0, 0.5, 1, 7, 0, **args)
+    c = lif_localzo_forward(current, 0.9, 1.0, 0.5, 1, 8, 0, **args)
+    d = lif_localzo_forward(current, 0.9, 1.0, 0.5, 1, 7, 4, **args)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])  # same spikes, new z
+    for other in (c, d):  # same spikes, new z for another seed or offset
+        assert torch.equal(a[0], other[0]) and not torch.equal(a[1], other[1])
 
 
 @pytest.mark.parametrize("name,mean_abs", [("normal", math.sqrt(2 / math.pi)), ("uniform", math.sqrt(3) / 2),
@@ -101,7 +108,7 @@ def test_fused_forward_is_reproducible_by_seed():
 def test_in_kernel_z_statistics(name, mean_abs):
     law = LAWS[name](0.05)
     n = 200_000
-    z = sample_abs_z(law, n, 99, DEVICE).cpu().double()
+    z = sample_abs_z(n, 99, 0, 0, DEVICE, **sampler_args(law, torch.device(DEVICE))).cpu().double()
     square = z * z
     assert abs(square.mean() - 1.0) < Z * square.std() / math.sqrt(n)  # unit variance
     expected = mean_abs if mean_abs is not None else law.backprop_threshold(0.05) / 0.05
@@ -110,7 +117,7 @@ def test_in_kernel_z_statistics(name, mean_abs):
 
 def test_in_kernel_fast_sigmoid_follows_its_cdf():
     law = FastSigmoid(k=100.0, delta=0.05)
-    z = sample_abs_z(law, 100_000, 5, DEVICE).cpu().double().sort().values
+    z = sample_abs_z(100_000, 5, 0, 0, DEVICE, **sampler_args(law, torch.device(DEVICE))).cpu().double().sort().values
     y = 100 * 0.05 * z
     empirical = torch.arange(1, z.numel() + 1, dtype=torch.float64) / z.numel()
     assert ((y / (1 + y)) ** 2 - empirical).abs().max() < 1.95 / math.sqrt(z.numel())
@@ -120,9 +127,10 @@ def test_in_kernel_fast_sigmoid_follows_its_cdf():
 def test_gpu_fused_forward_with_bf16_current():
     law = get_distribution("normal")
     current = torch.randn(50, 64, 200, device="cuda") * 0.8 + 0.3
-    spikes, grad = lif_localzo_forward(current.bfloat16(), 0.9, 1.0, law, 0.05, 1, seed=3)
-    abs_z = sample_abs_z(law, current.numel(), 3, "cuda").cpu().view(1, 50, 64, 200)
-    ref_spikes, _ = lif_localzo_forward_reference(current.bfloat16().float().cpu(), 0.9, 1.0, law, 0.05, abs_z)
+    args = sampler_args(law, torch.device("cuda"))
+    spikes, grad = lif_localzo_forward(current.bfloat16(), 0.9, 1.0, 0.05, 1, 3, 0, **args)
+    abs_z = sample_abs_z(current.numel(), 3, 0, 0, "cuda", **args).cpu().view(1, 50, 64, 200)
+    ref_spikes, _ = lif_localzo_forward_reference(current.bfloat16().float().cpu(), 0.9, 1.0, 1, 1.0, 0.05, abs_z)
     assert (spikes.cpu().double() != ref_spikes).double().mean() < 1e-3
 
 
@@ -138,7 +146,7 @@ def test_gpu_weight_grad_at_paper_shape():
 # --- the layer on the Triton backend -------------------------------------------------------------
 
 from ztriton import LeakyReadout, SparseLIFLinear  # noqa: E402
-from ztriton.lif import link_of  # noqa: E402
+from ztriton.sparse import producer_of  # noqa: E402
 
 
 def _stack(backend, grad, seed=0):
@@ -191,7 +199,7 @@ def test_triton_localzo_layer_matches_autograd_bptt_with_its_g():
     weights = [m.weight.detach().clone().requires_grad_(True) for m in layers + [readout]]
     h, ref_spikes = xi, []
     for layer, w, s in zip(layers, weights, spikes):
-        g = link_of(s).active.dense()
+        g = producer_of(s).dense()
         h = reference_lif(h, w, None, layer.beta, layer.threshold, lambda v, t, g=g: FixedGrad.apply(v, g[t]))
         ref_spikes.append(h)
     out = reference_readout(h, weights[-1], readout.beta)
@@ -214,6 +222,6 @@ def test_triton_layer_is_reproducible_by_seed():
 def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     layer = SparseLIFLinear(4, 3, beta=0.9, backend="triton")
-    with pytest.raises(ValueError, match="backend='triton' needs a CUDA device"):
+    with pytest.raises(ValueError, match="backend='triton' is not available for a torch.float32 layer on cpu"):
         layer(torch.zeros(2, 1, 4))
     assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").resolve_backend().name == "torch"

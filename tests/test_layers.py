@@ -7,7 +7,7 @@ import torch
 
 from ztriton import LeakyReadout, Scheduler, SparseLIFLinear
 from ztriton.functional import localzo_grad, sparsegrad_grad, sparsegrad_spike, surrogate_spike
-from ztriton.lif import link_of
+from ztriton.sparse import producer_of
 
 
 def reference_lif(x, weight, bias, beta, threshold, spike):
@@ -78,8 +78,8 @@ def reference_stack(layers, readout, x, spikes):
     weights = [m.weight.detach().clone().requires_grad_(True) for m in layers + [readout]]
     h, ref_spikes = xi, []
     for layer, w, s in zip(layers, weights, spikes):
-        link = link_of(s)
-        g = link.active.dense().to(x.dtype) if link is not None else torch.zeros_like(s)
+        active = producer_of(s)
+        g = active.dense().to(x.dtype) if active is not None else torch.zeros_like(s)
         h = reference_lif(h, w, None, layer.beta, layer.threshold, lambda v, t, g=g: FixedGrad.apply(v, g[t]))
         ref_spikes.append(h)
     out = reference_readout(h, weights[-1], readout.beta)
@@ -178,7 +178,7 @@ def test_layer_localzo_g_equals_functional_estimate():
             s = (vs[-1] > 0).float()
         v = torch.stack(vs)
     expected = localzo_grad(v, 0.3, 3, "laplace", torch.Generator().manual_seed(9))
-    got = link_of(spikes).active.dense()
+    got = producer_of(spikes).dense()
     assert torch.equal(got != 0, expected != 0)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
@@ -219,7 +219,7 @@ def test_sparsegrad_layer_g_is_exactly_the_truncated_surrogate():
             vs.append(u - 1.0)
             s = (vs[-1] > 0).float()
     expected = sparsegrad_grad(torch.stack(vs), "normal", 0.1)
-    torch.testing.assert_close(link_of(spikes).active.dense(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(producer_of(spikes).dense(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_scheduler_picks_sparse_at_low_and_dense_at_high_activity():
@@ -266,7 +266,7 @@ def test_no_grad_inference_keeps_nothing():
     after = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(1))  # no LocalZO draws
-    assert link_of(out) is None and out.grad_fn is None
+    assert producer_of(out) is None and out.grad_fn is None
     assert layer.stats["path"] == "none" and layer.stats["saved_bytes"] == 0
 
 
@@ -378,7 +378,7 @@ def test_mixed_paths_between_layers(paths, grad):
 
 def test_time_chunks_of_the_forward_join_seamlessly():
     """T = 150 runs as pieces of FORWARD_CHUNK = 64 steps: spikes and gradients stay exact."""
-    from ztriton.lif import FORWARD_CHUNK
+    from ztriton.backends.torch_backend import FORWARD_CHUNK
 
     steps = 2 * FORWARD_CHUNK + 22
     x = (torch.rand(steps, 3, 11, generator=torch.Generator().manual_seed(5)) < 0.3).double()
@@ -399,7 +399,7 @@ def test_time_chunks_of_the_forward_join_seamlessly():
 @pytest.mark.parametrize("binary", [True, False])
 def test_sparse_inputs_take_the_event_driven_current(binary):
     """Inputs below EVENT_DENSITY are summed over their events: same spikes and gradients as eq. 1."""
-    from ztriton.lif import EVENT_DENSITY
+    from ztriton.backends.torch_backend import EVENT_DENSITY
 
     gen = torch.Generator().manual_seed(8)
     mask = torch.rand(90, 6, 40, generator=gen) < 0.02
@@ -416,7 +416,7 @@ def test_sparse_inputs_take_the_event_driven_current(binary):
 
 
 def test_event_current_equals_the_gemm_and_declines_dense_input():
-    from ztriton.lif import event_current, input_events
+    from ztriton.backends.torch_backend import event_current, input_events
 
     gen = torch.Generator().manual_seed(4)
     weight = torch.randn(7, 30, generator=gen, dtype=torch.float64)

@@ -5,8 +5,8 @@ from .distributions import (
     distribution_from_surrogate,
     get_distribution,
 )
-from .functional import localzo_spike, sparsegrad_spike, surrogate_spike
-from .layers import LeakyReadout, SparseLIFLinear
+from .functional import localzo_spike, sparsegrad_spike, spike_count, surrogate_spike
+from .layers import LeakyReadout, SilentLayerWarning, SparseLIFLinear
 from .scheduler import Scheduler, calibrate
 
 __version__ = "0.1.0"
@@ -15,11 +15,13 @@ __all__ = [
     "Distribution",
     "LeakyReadout",
     "Scheduler",
+    "SilentLayerWarning",
     "SparseLIFLinear",
     "calibrate",
     "distribution_from_surrogate",
     "get_distribution",
     "localzo_spike",
     "sparsegrad_spike",
+    "spike_count",
     "surrogate_spike",
 ]

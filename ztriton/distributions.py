@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from . import rng
 from ._checks import positive_float, positive_int
 
 __all__ = [
@@ -49,8 +50,12 @@ def _device_of(generator: torch.Generator | None, device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
+def _shape_index(shape, device) -> torch.Tensor:
+    return torch.arange(math.prod(shape), dtype=torch.int64, device=device)
+
+
 class Distribution:
-    """An even law of z. Subclasses implement `sample_abs`, `expected_grad` and `_expected_max_abs`."""
+    """An even law of z. Subclasses implement `abs_z_from_uniforms`, `expected_grad` and `_expected_max_abs`."""
 
     name: str = "distribution"
     #: exponent of |z| in eq. 7
@@ -60,24 +65,34 @@ class Distribution:
     #: the delta a surrogate-derived law was built for (its pdf depends on delta); None: any delta
     delta: float | None = None
 
-    def quantile_abs(self, r: torch.Tensor) -> torch.Tensor:
-        """Inverse CDF of |z| at probabilities `r` in [0, 1) (float32)."""
+    def abs_z_from_uniforms(self, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+        """|z| from the two float32 uniforms of the RNG contract (`ztriton.rng`), in float32.
+
+        The expression is the one every backend's kernel evaluates, operation for operation.
+        """
         raise NotImplementedError
 
     def sample_abs(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """|z| for `shape` independent draws, float32, by inverse transform of uniform draws."""
-        return self.quantile_abs(torch.rand(shape, generator=generator, device=_device_of(generator, device)))
+        """|z| for `shape` independent draws, float32, through the RNG contract (one key from `generator`)."""
+        device = _device_of(generator, device)
+        key = rng.next_key(generator, device)
+        return rng.abs_z(self, key, _shape_index(shape, device), 0).view(shape)
 
     @functools.cached_property
     def abs_z_bound(self) -> float:
-        """The largest |z| a draw can return (at the largest float32 uniform, 1 - 2^-24); inf if none."""
-        return float(self.quantile_abs(torch.tensor([1.0 - 2.0**-24])))
+        """The largest |z| a draw can return (at the extreme uniforms of the contract); inf if none."""
+        u1 = torch.tensor([0.0, rng.UNIFORM_MAX])
+        return float(self.abs_z_from_uniforms(u1, torch.zeros(2)).max())
 
     def sample(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """z for `shape` independent draws, float32: |z| with an independent random sign."""
-        magnitude = self.sample_abs(shape, generator, device)
-        sign = torch.randint(0, 2, magnitude.shape, generator=generator, device=magnitude.device)
-        return torch.where(sign.bool(), magnitude, -magnitude)
+        """z for `shape` independent draws, float32: |z| with a sign from the contract's third output."""
+        device = _device_of(generator, device)
+        key = rng.next_key(generator, device)
+        index = _shape_index(shape, device)
+        u1, u2 = rng.uniforms(key, index, 0)
+        sign = rng.philox(key.seed, index & rng.MASK32, index >> 32, key.offset & rng.MASK32, 0)[2] & 1
+        magnitude = self.abs_z_from_uniforms(u1, u2)
+        return torch.where(sign.bool(), magnitude, -magnitude).view(shape)
 
     def expected_grad(self, v: torch.Tensor, delta: float) -> torch.Tensor:
         """c * E_z[G(v; z, delta)] (Theorem 2 / 3): the surrogate LocalZO equals in expectation."""
@@ -115,9 +130,10 @@ class Normal(Distribution):
 
     name = "normal"
 
-    def quantile_abs(self, r):
-        # P(|z| < x) = erf(x / sqrt2); computed in float64 so the tail stays exact near r = 1
-        return (torch.special.erfinv(r.double()) * math.sqrt(2.0)).float()
+    def abs_z_from_uniforms(self, u1, u2):
+        # Box-Muller as Triton's tl.randn: |z| = sqrt(-2 ln u1) |cos(2 pi u2)|, u1 clamped to 1e-7
+        radius = torch.sqrt(-2.0 * torch.log(u1.clamp_min(1e-7)))
+        return (radius * torch.cos(u2 * 6.283185307179586)).abs()
 
     def expected_grad(self, v, delta):
         delta = self.check_delta(delta)
@@ -137,8 +153,8 @@ class Uniform(Distribution):
 
     name = "uniform"
 
-    def quantile_abs(self, r):
-        return r * math.sqrt(3.0)
+    def abs_z_from_uniforms(self, u1, u2):
+        return u1 * 1.7320508075688772
 
     def expected_grad(self, v, delta):
         delta = self.check_delta(delta)
@@ -155,8 +171,8 @@ class Laplace(Distribution):
 
     name = "laplace"
 
-    def quantile_abs(self, r):
-        return -torch.log1p(-r) / math.sqrt(2.0)  # |z| ~ Exp(sqrt2)
+    def abs_z_from_uniforms(self, u1, u2):
+        return -torch.log(1.0 - u1) * 0.7071067811865476  # |z| ~ Exp(sqrt2)
 
     def expected_grad(self, v, delta):
         delta = self.check_delta(delta)
@@ -184,8 +200,8 @@ class FastSigmoid(Distribution):
         self.delta = positive_float("delta", delta)
         self.c = 2.0 / self.k
 
-    def quantile_abs(self, r):
-        root = r.sqrt()
+    def abs_z_from_uniforms(self, u1, u2):
+        root = u1.sqrt()
         return root / ((1.0 - root) * (self.k * self.delta))
 
     def expected_grad(self, v, delta):
@@ -260,14 +276,20 @@ class SurrogateDistribution(Distribution):
         self._tail = tail.clamp_min(0.0)
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def sampling_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CDF, |z|) float32 tables on `device` that sampling interpolates in (cached per device)."""
+        device = torch.device(device)
         if device not in self._cache:
             self._cache[device] = (self._cdf.to(device), self._abs_z.to(device))
         return self._cache[device]
 
+    def abs_z_from_uniforms(self, u1, u2):
+        return self.quantile_abs(u1)
+
     def quantile_abs(self, r: torch.Tensor) -> torch.Tensor:
-        """Inverse CDF of |z| at probabilities `r` (float32 in [0, 1])."""
-        cdf, abs_z = self._tables(r.device)
+        """Inverse CDF of |z| at probabilities `r` (float32 in [0, 1]): the smallest table index with
+        CDF >= r, then linear interpolation (as the kernels' binary search)."""
+        cdf, abs_z = self.sampling_tables(r.device)
         upper = torch.searchsorted(cdf, r).clamp_(1, cdf.numel() - 1)
         lower = upper - 1
         c_lo, c_hi = cdf[lower], cdf[upper]

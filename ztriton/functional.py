@@ -9,7 +9,11 @@ dtype of `v`. The backward returns `grad_out * g` with
 - `sparsegrad_spike`: the same surrogate, zero where |v| >= B_th (Perez-Nieves & Goodman 2021),
                       B_th = delta E[max_k |z_k|] by default (eq. 21).
 
-The `*_grad` functions compute g alone; the layers use them on whole (T, B, N) tensors.
+The `*_grad` functions compute g alone. z follows the RNG contract of `ztriton.rng`: the draw of
+sample k at flat position i of `v` depends only on (seed, offset, i, k), one key per call.
+
+`spike_count` sums spikes over time with a backward that stays sparse on a layer's output (for
+spike-count regularisers).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import math
 
 import torch
 
+from . import rng
 from ._checks import float_tensor, positive_float, positive_int
 from .distributions import Distribution, resolve
+from .sparse import producer_of, sparse_grad
 
 __all__ = [
     "heaviside",
@@ -29,6 +35,7 @@ __all__ = [
     "localzo_spike",
     "surrogate_spike",
     "sparsegrad_spike",
+    "spike_count",
 ]
 
 
@@ -65,22 +72,23 @@ def _sparsegrad_args(v, dist, delta, bth, m) -> tuple[float, Distribution, float
 
 
 def localzo_active(
-    abs_v: torch.Tensor, delta: float, m: int, law: Distribution, generator: torch.Generator | None
+    abs_v: torch.Tensor, delta: float, m: int, law: Distribution, key: rng.PhiloxKey, base: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 7 on a flat tensor of |v|: (indices where g != 0, g there, float32).
+    """Eq. 7 on a flat tensor of |v|: (positions where g != 0, g there, float32).
 
+    `base` is the flat position of abs_v[0] in the layer's grid (the contract's index is base + i).
     Only entries with |v| < delta * abs_z_bound can be active (no draw returns a larger |z|), so
-    |z| is drawn for those candidates only: for the normal law that is |v| < 5.42 delta, a few
+    |z| is drawn for those candidates only: for the normal law that is |v| < 5.68 delta, a few
     percent of a layer's entries. Memory: one candidate-sized tensor per sample, never m x |v|.
     """
     if math.isfinite(law.abs_z_bound):
-        candidates = torch.nonzero(abs_v < delta * law.abs_z_bound).squeeze(1)
+        candidates = torch.nonzero(abs_v < delta * law.abs_z_bound * (1 + 1e-6)).squeeze(1)
     else:
         candidates = torch.arange(abs_v.numel(), device=abs_v.device)
     near = abs_v[candidates].float()
     total = torch.zeros_like(near)
-    for _ in range(m):
-        abs_z = law.sample_abs(near.shape, generator, device=abs_v.device)
+    for k in range(m):
+        abs_z = rng.abs_z(law, key, candidates + base, k)
         weight = abs_z if law.alpha == 1 else abs_z.reciprocal()
         total += torch.where(near < delta * abs_z, weight, 0.0)
     keep = torch.nonzero(total).squeeze(1)
@@ -88,7 +96,8 @@ def localzo_active(
 
 
 def _localzo(v, delta: float, m: int, law: Distribution, generator) -> torch.Tensor:
-    index, values = localzo_active(v.detach().abs().reshape(-1), delta, m, law, generator)
+    key = rng.next_key(generator, v.device)
+    index, values = localzo_active(v.detach().abs().reshape(-1), delta, m, law, key)
     g = torch.zeros(v.numel(), dtype=v.dtype, device=v.device)
     return g.index_copy_(0, index, values.to(v.dtype)).view(v.shape)
 
@@ -107,7 +116,7 @@ def localzo_grad(
 ) -> torch.Tensor:
     """The LocalZO estimate g of eq. 7 for every entry of `v` (one draw of m samples each).
 
-    Loops over the m samples, so memory stays a few tensors of v's shape.
+    Draws one (seed, offset) from `generator` (default: the global generator of v's device).
     """
     delta, m, law = _localzo_args(v, delta, m, dist, generator)
     return _localzo(v, delta, m, law, generator)
@@ -185,3 +194,33 @@ def sparsegrad_spike(
     """H(v) with the surrogate backward zeroed where |v| >= B_th (SparseGrad)."""
     delta, law, bth = _sparsegrad_args(v, dist, delta, bth, m)
     return _spike(v, lambda: _sparsegrad(v, delta, law, bth))
+
+
+class _SpikeCount(torch.autograd.Function):
+    """counts[b, n] = sum_t s[t, b, n]; backward sparse at the producing layer's active entries."""
+
+    @staticmethod
+    def forward(ctx, spikes):
+        ctx.producer = producer_of(spikes)
+        ctx.shape, ctx.dtype = spikes.shape, spikes.dtype
+        return spikes.sum(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.producer is None:
+            return grad.unsqueeze(0).expand(ctx.shape)
+        _, b, n = ctx.producer.coo_indices
+        return sparse_grad(ctx.producer, grad[b, n], ctx.dtype)
+
+
+def spike_count(spikes: torch.Tensor) -> torch.Tensor:
+    """Spike count per sample and neuron, `spikes.sum(0)` of a (T, B, N) tensor, as (B, N).
+
+    On the unmodified output of a sparse-path `SparseLIFLinear`, its gradient is a sparse COO
+    tensor at that layer's active entries (the only ones its backward reads), so a spike-count
+    regulariser adds no dense (T, B, N) gradient; elsewhere it is the dense broadcast.
+    """
+    float_tensor("spikes", spikes, finite=False)
+    if spikes.dim() != 3:
+        raise ValueError(f"spikes must have shape (T, B, N), got {spikes.dim()} dimensions {tuple(spikes.shape)}")
+    return _SpikeCount.apply(spikes)

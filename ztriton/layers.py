@@ -4,20 +4,29 @@ and `LeakyReadout` (the non-spiking readout of the paper's networks)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
+from . import backends, rng
 from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval
 from .distributions import Distribution, resolve
-from . import triton_backend
-from .lif import LeakyReadoutFunction, LIFFunction, SpikeRule, TorchBackend, Workspace
+from .ops import LeakyReadoutFunction, LIFFunction, PathPolicy
 from .scheduler import DEFAULT_SCHEDULER, Scheduler
+from .sparse import mark_producer
 
 GRAD_MODES = ("localzo", "sparsegrad", "surrogate")
 PATHS = ("auto", "dense", "sparse")
-BACKENDS = ("auto", "torch", "triton")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKEND_NAMES = ("auto",) + tuple(backends.REGISTRY)
+
+
+class SilentLayerWarning(UserWarning):
+    """A SparseLIFLinear neither fired nor had an active entry in a training forward."""
+
+
+def _check_backend(name) -> str:
+    return choice("backend", name, BACKEND_NAMES)
 
 
 def _check_input(x, in_features: int) -> torch.Tensor:
@@ -42,13 +51,22 @@ class SparseLIFLinear(nn.Module):
       default `backprop_threshold(delta, m)`), "surrogate" (dense expected surrogate).
     - `path`: "dense" (GEMMs over all entries), "sparse" (active entries only), "auto" (the
       scheduler decides from the measured activity). Both give the same gradients.
-    - `generator`: the torch.Generator for LocalZO draws (default: torch's global generator).
+    - `generator`: the torch.Generator LocalZO takes its (seed, offset) from, once per forward
+      (default: the global generator of the layer's device); see `ztriton.rng`.
     - `backend`: "torch", "triton" (fused LIF + LocalZO forward and sparse backward kernels; on a
       GPU, or on CPU under TRITON_INTERPRET=1) or "auto" (Triton on a GPU, torch elsewhere).
 
+    The input current is formed in the layer's dtype (as an `nn.Linear` of that dtype would); the
+    membrane, g and every gradient accumulate in float32 (float64 for a float64 layer).
+
+    On the sparse path the output carries the layer's active set: a SparseLIFLinear, LeakyReadout
+    or `functional.spike_count` fed directly with it returns its gradient as a sparse COO tensor
+    at those entries (hooks and `retain_grad` on the spikes see that layout; see `ztriton.sparse`).
+
     `stats` holds, for the last forward: `active_fraction`, `path`, `saved_bytes` (kept for
-    backward), `crossover` and where it came from. Working buffers are cached on the layer between
-    calls (`workspace_bytes`), which keeps large allocations out of every step.
+    backward), `backend`, `grid`, `crossover` and where it came from. Working buffers are cached on
+    the layer between calls (`workspace_bytes`). A training forward in which the layer neither
+    fires nor has an active entry warns once (`SilentLayerWarning`): such a layer gets no gradient.
     """
 
     def __init__(
@@ -76,7 +94,7 @@ class SparseLIFLinear(nn.Module):
         self.threshold = positive_float("threshold", threshold)
         grad = choice("grad", grad, GRAD_MODES)
         self.path = choice("path", path, PATHS)
-        self.backend = choice("backend", backend, BACKENDS)
+        self.backend = _check_backend(backend)
         delta = positive_float("delta", delta)
         m = positive_int("m", m)
         law = resolve(dist, delta)
@@ -86,7 +104,7 @@ class SparseLIFLinear(nn.Module):
             bth = positive_float("bth", bth)
             if grad != "sparsegrad":
                 raise ValueError(f"bth applies to grad='sparsegrad' only, got grad={grad!r}")
-        self.rule = SpikeRule(grad=grad, law=law, delta=delta, m=m, bth=bth)
+        self.rule = backends.SpikeRule(grad=grad, law=law, delta=delta, m=m, bth=bth)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.generator = generator
@@ -95,47 +113,46 @@ class SparseLIFLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.stats: dict = {}
-        self.workspace = Workspace()
+        self.workspace = backends.Workspace()
+        self._warned_silent = False
 
     @property
     def workspace_bytes(self) -> int:
         """Bytes of the working buffers cached on the layer between calls."""
         return self.workspace.nbytes
 
-    def choose_path(self, active_fraction: float) -> str:
-        """The forced path, or the scheduler's choice for `active_fraction` on this device."""
+    def path_policy(self) -> PathPolicy:
+        """The forced path, or the scheduler's crossover for this device (recorded in `stats`)."""
         crossover, source = self.scheduler.crossover(self.weight.device)
         self.stats.update(crossover=crossover, crossover_source=source)
-        if self.path != "auto":
-            return self.path
-        return self.scheduler.choose(active_fraction, self.weight.device)
+        return PathPolicy(crossover, None if self.path == "auto" else self.path)
 
-    def record(self, *, path: str, active_fraction: float | None, saved_bytes: int, backend: str, grid: int) -> None:
-        """Stats of the last forward; `grid` is the number of (t, b, neuron) entries."""
-        self.stats.update(
-            path=path, active_fraction=active_fraction, saved_bytes=saved_bytes, backend=backend, grid=grid
-        )
-
-    def resolve_backend(self):
-        """The implementation for this forward: TritonBackend or TorchBackend."""
-        device, dtype = self.weight.device, self.weight.dtype
-        if self.backend == "torch":
-            return TorchBackend
-        usable = triton_backend.available(device) and dtype in TRITON_DTYPES
-        if self.backend == "triton" and not usable:
-            raise ValueError(
-                f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU) and a float32/16 layer; "
-                f"this layer is {dtype} on {device}"
-            )
-        return triton_backend.TritonBackend if usable and (self.backend == "triton" or device.type == "cuda") else TorchBackend
+    def resolve_backend(self) -> backends.Backend:
+        """The implementation for this forward (`backend`, "auto" resolved for the layer's device)."""
+        return backends.select(self.backend, self.weight.device, self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        backend = self.resolve_backend()
-        return LIFFunction.apply(x, self.weight, self.bias, self, self.generator, needs_grad, backend)
+        cfg = backends.LIFConfig(self.beta, self.threshold, self.rule)
+        key = rng.next_key(self.generator, self.weight.device) if needs_grad and self.rule.grad == "localzo" else None
+        spikes, stats = LIFFunction.apply(x, self.weight, self.bias, cfg, self.path_policy(), needs_grad, key,
+                                          self.resolve_backend(), self.workspace)
+        self.stats.update(path=stats.path, active_fraction=stats.active_fraction, saved_bytes=stats.saved_bytes,
+                          backend=stats.backend, grid=stats.grid)
+        if stats.active is not None:
+            mark_producer(spikes, stats.active)
+        if needs_grad and stats.nnz == 0 and not self._warned_silent and not bool(spikes.any()):
+            self._warned_silent = True
+            warnings.warn(
+                f"{self!r} neither fired nor had an active entry (|u - u_th| < delta |z|) in this training "
+                f"forward, so its weights get no gradient and it cannot learn. Its input current is too weak: "
+                f"scale up its initial weights (e.g. layer.weight.data.mul_(4)), raise delta or lower the threshold.",
+                SilentLayerWarning, stacklevel=2,
+            )
+        return spikes
 
     def extra_repr(self) -> str:
         r = self.rule
@@ -150,21 +167,25 @@ class LeakyReadout(nn.Module):
 
     Input `(T, B, in_features)`, output membrane traces `(T, B, out_features)`; the paper's
     networks take their max (or sum) over time as logits. Fed by a SparseLIFLinear, it computes
-    the gradient of its input only at that layer's active entries.
+    the gradient of its input only at that layer's active entries. `backend` as in SparseLIFLinear.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, beta: float, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, *, beta: float, bias: bool = False,
+                 backend: str = "auto"):
         super().__init__()
         self.in_features = positive_int("in_features", in_features)
         self.out_features = positive_int("out_features", out_features)
         self.beta = unit_interval("beta", beta)
+        self.backend = _check_backend(backend)
         bound = 1.0 / math.sqrt(in_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.workspace = backends.Workspace()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features)
-        return LeakyReadoutFunction.apply(x, self.weight, self.bias, self.beta)
+        backend = backends.select(self.backend, self.weight.device, self.weight.dtype)
+        return LeakyReadoutFunction.apply(x, self.weight, self.bias, self.beta, backend, self.workspace)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}"

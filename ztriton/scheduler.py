@@ -110,7 +110,7 @@ def calibrate(
     written: {"crossover", "fractions", "dense_s", "sparse_s", "shape"}.
     """
     from .layers import SparseLIFLinear  # the layer is what is being timed
-    from .lif import lif_recurrence
+    from .backends.torch_backend import lif_recurrence
 
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)

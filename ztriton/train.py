@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._checks import positive_int
 from .data import DataError, load_fmnist, load_mnist5k, load_nmnist, load_shd
+from .functional import spike_count
 from .layers import LeakyReadout, SparseLIFLinear
 
 PRESETS = {
@@ -147,7 +148,7 @@ def spike_regulariser(spikes, cfg: Config) -> torch.Tensor:
     """
     total = spikes[0].new_zeros(())
     for s in spikes:
-        count = s.sum(0)  # (B, N)
+        count = spike_count(s)  # (B, N), with a sparse backward on the layers' outputs
         total = total + cfg.lambda_up * torch.relu(count.mean(1) - cfg.f_up).pow(2).mean()
         total = total + cfg.lambda_low * torch.relu(cfg.f_low - _batch_mean(count)).pow(2).mean()
     return total

@@ -1,0 +1,32 @@
+"""Pieces shared by the Functions of `ztriton.ops`."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import Backend, Workspace, compute_dtype
+from ..sparse import ActiveSet, sparse_grad
+
+
+def refuse_double_backward(op: str) -> None:
+    """Raise if a backward runs with create_graph=True: these backwards are first-order only."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op} does not support double backward: its sparse backward is first-order only "
+            f"(backward was called with create_graph=True)"
+        )
+
+
+def input_grad_from_filtered(filtered: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
+                             producer: ActiveSet | None, backend: Backend, workspace: Workspace) -> torch.Tensor:
+    """dL/dx = D W from the full D grid: sparse COO at the producing layer's active entries when x is
+    a SparseLIFLinear's unmodified output, else dense."""
+    if producer is not None:
+        return sparse_grad(producer, backend.input_grad_at(filtered, weight, producer, workspace), x.dtype)
+    flat = filtered.reshape(-1, filtered.shape[2])
+    return flat.matmul(weight.to(compute_dtype(weight.dtype))).view(x.shape).to(x.dtype)
+
+
+def dense_incoming(grad: torch.Tensor) -> torch.Tensor:
+    """A strided view of an incoming gradient (a sparse one is densified)."""
+    return grad.to_dense() if grad.is_sparse else grad

@@ -1,0 +1,129 @@
+"""The SparseLIFLinear op: LIF forward (eq. 1) with g, and its dense or sparse layerwise backward.
+
+Forward: `backend.lif_forward` gives the spikes and g (dense, or as the active set); the path
+policy picks "dense" or "sparse" from the measured active fraction. Backward (appendix B.1,
+eq. 25-26), ds = grad_s * g:
+
+- dense path: D = reverse-time filter of ds on the whole grid, dW = D^T x, dx = D W (GEMMs);
+- sparse path: ds only at the active entries, dW by `backend.weight_grad` (nnz x N_in work).
+
+The input gradient is a sparse COO tensor at the producing layer's active entries when x is the
+unmodified output of a sparse-path SparseLIFLinear (`ztriton.sparse`), else dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import Backend, LIFConfig, Workspace, compute_dtype
+from ..rng import PhiloxKey
+from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
+from .common import dense_incoming, input_grad_from_filtered, refuse_double_backward
+
+
+@dataclass(frozen=True)
+class PathPolicy:
+    """Dense or sparse path from the active fraction: `forced` if set, else sparse below `crossover`."""
+
+    crossover: float
+    forced: str | None = None
+
+    def __call__(self, active_fraction: float) -> str:
+        if self.forced is not None:
+            return self.forced
+        return "sparse" if active_fraction < self.crossover else "dense"
+
+
+@dataclass(frozen=True)
+class LIFStats:
+    """What one forward measured. `active` is the active set kept for a sparse-path backward."""
+
+    path: str
+    active_fraction: float | None
+    nnz: int
+    saved_bytes: int
+    backend: str
+    grid: int
+    active: ActiveSet | None = None
+
+
+def sparse_bias_grad(ds: torch.Tensor, active: ActiveSet, beta: float, n_out: int) -> torch.Tensor:
+    """db = sum over active (t, b, i) of ds * sum_{k<=t} beta^{t-k}."""
+    t, _, neurons = active.coo_indices
+    steps = (t + 1).double()
+    gain = steps if beta == 1.0 else (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), steps)) / (1.0 - beta)
+    grad_b = torch.zeros(n_out, dtype=ds.dtype, device=ds.device)
+    return grad_b.index_add_(0, neurons, ds * gain.to(ds.dtype))
+
+
+class LIFFunction(torch.autograd.Function):
+    """apply(x, weight, bias, cfg, policy, needs_grad, key, backend, workspace) -> (spikes, LIFStats).
+
+    `key` is the RNG contract's (seed, offset) for LocalZO (None otherwise); with `needs_grad`
+    False (inference) no g is formed and nothing is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: LIFConfig, policy: PathPolicy, needs_grad: bool,
+                key: PhiloxKey | None, backend: Backend, workspace: Workspace):
+        spikes, g, active = backend.lif_forward(x, weight, bias, cfg, needs_grad, key, workspace)
+        if not needs_grad:
+            return spikes, LIFStats("none", None, 0, 0, backend.name, spikes.numel())
+        nnz = active.nnz if active is not None else int(torch.count_nonzero(g))
+        fraction = nnz / max(1, spikes.numel())
+        path = policy(fraction)
+        if path == "dense" and g is None:
+            g = active.dense().to(compute_dtype(weight.dtype))
+        if path == "sparse" and active is None:
+            index = torch.nonzero(g.view(-1)).squeeze(1)
+            active, g = ActiveSet(index, g.view(-1)[index], g.shape), None
+        if path == "dense":
+            active = None
+        ctx.cfg, ctx.path, ctx.has_bias = cfg, path, bias is not None
+        ctx.backend, ctx.workspace, ctx.active = backend, workspace, active
+        ctx.producer = producer_of(x) if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(x, weight, g)
+        saved = active.nbytes if active is not None else g.numel() * g.element_size()
+        return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), active)
+
+    @staticmethod
+    def backward(ctx, grad_spikes, _stats):
+        refuse_double_backward("SparseLIFLinear")
+        x, weight, g = ctx.saved_tensors
+        dtype = compute_dtype(weight.dtype)
+        step = _dense_backward if ctx.path == "dense" else _sparse_backward
+        grad_x, grad_w, grad_b = step(ctx, grad_spikes, x, weight, g, dtype)
+        grad_b = None if grad_b is None else grad_b.to(weight.dtype)
+        return grad_x, grad_w.to(weight.dtype), grad_b, None, None, None, None, None, None
+
+
+def _dense_backward(ctx, grad_spikes, x, weight, g, dtype):
+    """GEMMs over the whole grid: D = reverse filter of grad_s * g, dW = D^T x, dx = D W."""
+    ds = dense_incoming(grad_spikes).to(dtype) * g
+    filtered = ctx.backend.time_filter(ds, ctx.cfg.beta, reverse=True)
+    flat = filtered.view(-1, filtered.shape[2])
+    grad_w = flat.t().matmul(x.reshape(-1, x.shape[2]).to(dtype))
+    grad_b = flat.sum(0) if ctx.has_bias else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = input_grad_from_filtered(filtered, weight, x, ctx.producer, ctx.backend, ctx.workspace)
+    return grad_x, grad_w, grad_b
+
+
+def _sparse_backward(ctx, grad_spikes, x, weight, g, dtype):
+    """Work at the active entries only (and at the producing layer's active entries for dx)."""
+    active, backend, workspace, beta = ctx.active, ctx.backend, ctx.workspace, ctx.cfg.beta
+    ds = values_at(grad_spikes, active, dtype) * active.grad.to(dtype)
+    grad_w = backend.weight_grad(ds, active, x, beta, weight.shape, workspace)
+    grad_b = sparse_bias_grad(ds, active, beta, weight.shape[0]) if ctx.has_bias else None
+    if not ctx.needs_input_grad[0]:
+        grad_x = None
+    elif ctx.producer is not None:
+        values = backend.input_grad(ds, active, beta, weight, ctx.producer, workspace)
+        grad_x = sparse_grad(ctx.producer, values, x.dtype)
+    else:
+        filtered = backend.filtered_grad(ds, active, beta)
+        grad_x = input_grad_from_filtered(filtered, weight, x, None, backend, workspace)
+    return grad_x, grad_w, grad_b
