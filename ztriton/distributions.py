@@ -201,7 +201,7 @@ class FastSigmoid(Distribution):
         self.c = 2.0 / self.k
 
     def abs_z_from_uniforms(self, u1, u2):
-        root = u1.sqrt()
+        root = u1.double().sqrt().float()  # the correctly rounded float32 sqrt, as the kernels' sqrt
         return root / ((1.0 - root) * (self.k * self.delta))
 
     def expected_grad(self, v, delta):
