@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ztriton import SparseLIFLinear, get_distribution, rng
+from ztriton import SparseLIFLinear, get_distribution, native, rng
 from ztriton.backends.torch_backend import FORWARD_CHUNK
 from ztriton.distributions import FastSigmoid, Sigmoid
 from ztriton.functional import localzo_grad
@@ -53,6 +53,18 @@ def test_philox_is_bit_identical_to_triton(seed, offset, k, start):
     index = torch.arange(n, dtype=torch.int64) + start
     ref = rng.philox(seed, index & rng.MASK32, index >> 32, offset & rng.MASK32, k)
     assert torch.equal(out.cpu().view(n, 4), torch.stack(ref, 1))
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason="numba is not installed")
+def test_the_native_integer_stage_is_bit_identical_to_the_torch_reference():
+    key = rng.PhiloxKey(2**62 - 17, 2**31 + 12)
+    index = torch.cat([torch.arange(1000), torch.arange(2**32 - 500, 2**32 + 500),
+                       torch.randint(0, 2**45, (20_000,), generator=torch.Generator().manual_seed(0))])
+    for k in (0, 4):
+        got = native.philox_uniforms(index, key.seed, key.offset & rng.MASK32, k)
+        expected = rng.uniforms_reference(key, index, k)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert native.philox_uniforms(index[:0], 1, 0, 0)[0].numel() == 0
 
 
 def test_uniforms_follow_tl_rand():

@@ -94,11 +94,21 @@ def to_uniform(bits: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * UNIFORM_SCALE
 
 
-def uniforms(key: PhiloxKey, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u1, u2) float32 for the entries at flat positions `index` (int64) and sample `k`."""
+def uniforms_reference(key: PhiloxKey, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u1, u2) float32 for the entries at flat positions `index` (int64) and sample `k`, in torch ops."""
     index = index.to(torch.int64)
     out0, out1, _, _ = philox(key.seed, index & MASK32, index >> 32, key.offset & MASK32, k)
     return to_uniform(out0), to_uniform(out1)
+
+
+def uniforms(key: PhiloxKey, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u1, u2) as `uniforms_reference`; on CPU by the native kernel where numba is installed (the
+    integer stage only: bit-identical, about 10x faster than ~200 int64 torch passes)."""
+    from . import native
+
+    if index.device.type == "cpu" and native.AVAILABLE:
+        return native.philox_uniforms(index.to(torch.int64), key.seed, key.offset & MASK32, k)
+    return uniforms_reference(key, index, k)
 
 
 def abs_z(law, key: PhiloxKey, index: torch.Tensor, k: int) -> torch.Tensor:
