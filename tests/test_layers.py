@@ -353,6 +353,12 @@ def test_bad_input(module, x, error, message):
         layer(x)
 
 
+def test_generator_on_another_device_is_refused():
+    layer = SparseLIFLinear(4, 3, beta=0.9, generator=torch.Generator()).to("meta")
+    with pytest.raises(ValueError, match="generator is on cpu but the layer's weights are on meta"):
+        layer(torch.zeros(2, 1, 4, device="meta"))
+
+
 def test_plain_tensor_input_gets_a_dense_input_gradient():
     torch.manual_seed(0)
     layer = SparseLIFLinear(6, 5, beta=0.9, delta=1.0, path="sparse").double()

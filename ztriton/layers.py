@@ -136,6 +136,8 @@ class SparseLIFLinear(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
+        if self.generator is not None and self.generator.device.type != self.weight.device.type:
+            raise ValueError(f"generator is on {self.generator.device} but the layer's weights are on {self.weight.device}")
         cfg = backends.LIFConfig(self.beta, self.threshold, self.rule)
         key = rng.next_key(self.generator, self.weight.device) if needs_grad and self.rule.grad == "localzo" else None
         spikes, stats = LIFFunction.apply(x, self.weight, self.bias, cfg, self.path_policy(), needs_grad, key,
@@ -150,7 +152,7 @@ class SparseLIFLinear(nn.Module):
                 f"{self!r} neither fired nor had an active entry (|u - u_th| < delta |z|) in this training "
                 f"forward, so its weights get no gradient and it cannot learn. Its input current is too weak: "
                 f"scale up its initial weights (e.g. layer.weight.data.mul_(4)), raise delta or lower the threshold.",
-                SilentLayerWarning, stacklevel=2,
+                SilentLayerWarning,
             )
         return spikes
 
