@@ -132,12 +132,12 @@ class SparseLIFLinear(nn.Module):
         return backends.select(self.backend, self.weight.device, self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.generator is not None and self.generator.device.type != self.weight.device.type:
+            raise ValueError(f"generator is on {self.generator.device} but the layer's weights are on {self.weight.device}")
         _check_input(x, self.in_features)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        if self.generator is not None and self.generator.device.type != self.weight.device.type:
-            raise ValueError(f"generator is on {self.generator.device} but the layer's weights are on {self.weight.device}")
         cfg = backends.LIFConfig(self.beta, self.threshold, self.rule)
         key = rng.next_key(self.generator, self.weight.device) if needs_grad and self.rule.grad == "localzo" else None
         spikes, stats = LIFFunction.apply(x, self.weight, self.bias, cfg, self.path_policy(), needs_grad, key,
