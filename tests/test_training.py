@@ -78,6 +78,7 @@ def test_training_lowers_the_loss_and_reports_speed(tmp_path, monkeypatch):
     summary = train(_small(lr=5e-3), tmp_path / "run", progress=False)
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == 2 and epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    assert all(e["data_s"] > 0 for e in epochs)  # batch building and moving is timed
     assert summary["backward_speedup"] > 0 and 0 <= summary["active_fraction"][0] <= 1
     assert 0 <= summary["test_accuracy"] <= 1
     assert (tmp_path / "run" / "training.png").stat().st_size > 0

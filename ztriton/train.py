@@ -365,11 +365,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     try:
         for epoch in range(start_epoch, cfg.epochs):
             batches = torch.randperm(len(train_data), generator=shuffle).split(cfg.batch_size)
-            fwd_times, bwd_times, correct, loss_sum = [], [], 0, 0.0
+            fwd_times, bwd_times, correct, loss_sum, data_s = [], [], 0, 0.0, 0.0
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and procs.main), leave=False)
             for index in bar:
+                started = time.perf_counter()
                 x, y = train_data.batch(procs.shard(index))
                 x, y = x.to(device), y.to(device)
+                data_s += time.perf_counter() - started
                 record = {"step": len(step_log) + 1, "epoch": epoch + 1}
                 if cfg.compare_every and len(step_log) % cfg.compare_every == 0 and procs.world == 1:
                     record.update(compare_paths(model, x, y, cfg, torch.get_rng_state()))
@@ -403,6 +405,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 "active_fraction": [statistics.mean(s["active_fraction"][i] for s in epoch_steps) for i in range(len(cfg.hidden))],
                 "forward_s": sum(fwd_times),
                 "backward_s": sum(bwd_times),
+                "data_s": data_s,
                 "backward_speedup": _median(s.get("backward_speedup") for s in epoch_steps),
                 "overall_speedup": _median(s.get("overall_speedup") for s in epoch_steps),
                 "backward_synops_saved": statistics.mean(s["backward_synops_saved"] for s in epoch_steps),
