@@ -224,4 +224,7 @@ def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
     layer = SparseLIFLinear(4, 3, beta=0.9, backend="triton")
     with pytest.raises(ValueError, match="backend='triton' is not available for a torch.float32 layer on cpu"):
         layer(torch.zeros(2, 1, 4))
+    assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").resolve_backend().name == "native"
+    assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").half().resolve_backend().name == "torch"
+    monkeypatch.setattr("ztriton.native.AVAILABLE", False)  # without numba, auto falls back to torch
     assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").resolve_backend().name == "torch"

@@ -82,17 +82,29 @@ def localzo_active(
     percent of a layer's entries. Memory: one candidate-sized tensor per sample, never m x |v|.
     """
     if math.isfinite(law.abs_z_bound):
-        candidates = torch.nonzero(abs_v < delta * law.abs_z_bound * (1 + 1e-6)).squeeze(1)
+        candidates = torch.nonzero(abs_v < candidate_threshold(law, delta)).squeeze(1)
     else:
         candidates = torch.arange(abs_v.numel(), device=abs_v.device)
-    near = abs_v[candidates].float()
+    keep, g = localzo_at(candidates + base, abs_v[candidates], delta, m, law, key)
+    return candidates[keep], g
+
+
+def candidate_threshold(law: Distribution, delta: float) -> float:
+    """|v| below which LocalZO can be active: delta * abs_z_bound, with a margin for rounding."""
+    return delta * law.abs_z_bound * (1 + 1e-6)
+
+
+def localzo_at(positions: torch.Tensor, abs_v: torch.Tensor, delta: float, m: int, law: Distribution,
+               key: rng.PhiloxKey) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7 at candidate entries (flat `positions` in the grid, their |v|): (kept rows, g float32)."""
+    near = abs_v.float()
     total = torch.zeros_like(near)
     for k in range(m):
-        abs_z = rng.abs_z(law, key, candidates + base, k)
+        abs_z = rng.abs_z(law, key, positions, k)
         weight = abs_z if law.alpha == 1 else abs_z.reciprocal()
         total += torch.where(near < delta * abs_z, weight, 0.0)
     keep = torch.nonzero(total).squeeze(1)
-    return candidates[keep], total[keep].mul_(law.c / (2.0 * delta * m))
+    return keep, total[keep].mul_(law.c / (2.0 * delta * m))
 
 
 def _localzo(v, delta: float, m: int, law: Distribution, generator) -> torch.Tensor:

@@ -30,14 +30,22 @@ def _check_backend(name) -> str:
 
 
 def _check_input(x, in_features: int) -> torch.Tensor:
-    """x must be a finite floating (T, B, in_features) tensor."""
+    """x must be a finite floating (T, B, in_features) tensor, strided or sparse COO (events)."""
     float_tensor("x", x, finite=False)
+    if x.layout not in (torch.strided, torch.sparse_coo):
+        raise TypeError(f"x must be a strided or sparse COO tensor, got layout {x.layout}")
     if x.dim() != 3:
         raise ValueError(f"x must have shape (T, B, in_features), got {x.dim()} dimensions {tuple(x.shape)}")
     if x.shape[2] != in_features:
         raise ValueError(f"x has {x.shape[2]} features, the layer expects in_features={in_features}")
+    if x.is_sparse:
+        if x.sparse_dim() != 3:
+            raise ValueError(f"a sparse x must have 3 sparse dimensions (T, B, in_features), got {x.sparse_dim()}")
+        if x.requires_grad:
+            raise ValueError("a sparse x (events) cannot require grad; pass a dense tensor to get its gradient")
+    values = x._values() if x.is_sparse else x
     # one cheap reduction; the exact elementwise check runs only if the sum is not finite
-    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if values.numel() and not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
         raise ValueError("x contains NaN or inf")
     return x
 
@@ -45,7 +53,8 @@ def _check_input(x, in_features: int) -> torch.Tensor:
 class SparseLIFLinear(nn.Module):
     """Linear synapses into LIF neurons (paper eq. 1) with a layerwise sparse backward.
 
-    Input `(T, B, in_features)` spikes or real values; output `(T, B, out_features)` spikes.
+    Input `(T, B, in_features)` spikes or real values, a dense tensor or a sparse COO tensor of
+    events (as the data sets produce); output `(T, B, out_features)` spikes.
 
     - `grad`: "localzo" (eq. 7, z drawn in forward), "sparsegrad" (surrogate truncated at B_th,
       default `backprop_threshold(delta, m)`), "surrogate" (dense expected surrogate).
@@ -53,8 +62,9 @@ class SparseLIFLinear(nn.Module):
       scheduler decides from the measured activity). Both give the same gradients.
     - `generator`: the torch.Generator LocalZO takes its (seed, offset) from, once per forward
       (default: the global generator of the layer's device); see `ztriton.rng`.
-    - `backend`: "torch", "triton" (fused LIF + LocalZO forward and sparse backward kernels; on a
-      GPU, or on CPU under TRITON_INTERPRET=1) or "auto" (Triton on a GPU, torch elsewhere).
+    - `backend`: "torch" (plain torch, any device), "native" (numba kernels on CPU, float32/64),
+      "triton" (fused LIF + LocalZO forward and sparse backward kernels; on a GPU, or on CPU under
+      TRITON_INTERPRET=1) or "auto" (Triton on a GPU, native on CPU, torch where neither runs).
 
     The input current is formed in the layer's dtype (as an `nn.Linear` of that dtype would); the
     membrane, g and every gradient accumulate in float32 (float64 for a float64 layer).

@@ -1,23 +1,34 @@
 """Native CPU kernels (numba), each equal to a plain-torch reference elsewhere in the package.
 
-`philox_uniforms`: the integer stage of the RNG contract (`ztriton.rng`) for a list of flat
-positions, serial, so it is safe in forked DataLoader workers (no threading layer is started).
-Compiled on first use and cached on disk (`cache=True`).
+Parallelism without a threading layer: work is cut into a FIXED number of blocks (of batch rows
+or of columns), each block a `nogil` kernel call, run on a thread pool of torch.get_num_threads()
+workers. The blocks, hence every floating-point summation order, do not depend on the thread
+count, and no OpenMP runtime is started, so forked DataLoader workers stay safe.
+
+Kernels are compiled on first use and cached on disk (`cache=True`); `warm_up()` compiles them
+all and returns the seconds it took.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
+#: blocks a parallel kernel is cut into (fixed, so results do not depend on the thread count)
+BLOCKS = 16
 
 if AVAILABLE:
     import numba
 
-    @numba.njit(cache=True, nogil=True)
+    jit = numba.njit(cache=True, nogil=True)
+
+    @jit
     def _philox_uniforms(index, seed, offset, k, u1, u2):  # pragma: no cover - compiled
         mask = np.uint64(0xFFFFFFFF)
         key0 = np.uint64(seed) & mask
@@ -38,6 +49,189 @@ if AVAILABLE:
                 folded = -signed - 1 if signed < 0 else signed
                 out[i] = np.float32(folded) * np.float32(4.6566127342e-10)
 
+    @jit
+    def _scan_rows(lo, hi, dense, counts):  # pragma: no cover - compiled
+        """counts[r] = non-zeros of row r, rows lo..hi-1 of a (rows, width) array."""
+        for r in range(lo, hi):
+            c = 0
+            for j in range(dense.shape[1]):
+                if dense[r, j] != 0:
+                    c += 1
+            counts[r] = c
+
+    @jit
+    def _fill_rows(lo, hi, dense, row_ptr, cols, values):  # pragma: no cover - compiled
+        for r in range(lo, hi):
+            p = row_ptr[r]
+            for j in range(dense.shape[1]):
+                if dense[r, j] != 0:
+                    cols[p] = j
+                    values[p] = dense[r, j]
+                    p += 1
+
+    @jit
+    def _lif_rows(b_lo, b_hi, t0, t1, batch, row_ptr, cols, values, table, current, use_current, bias, beta,
+                  threshold, v_state, s_state, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count,
+                  row_counts):  # pragma: no cover - compiled
+        """Eq. 1 for batch rows b_lo..b_hi-1 and steps t0..t1-1 (state carried in v_state, s_state).
+
+        Input current: `current[t - t0, b]` if use_current, else the events of row t * batch + b
+        (cols, values) times table = W^T. Candidates (|v| < cand_threshold) are appended per batch
+        row (flat position in (T, B, N), |v|) while capacity lasts; cand_count keeps counting past it.
+        """
+        n_out = table.shape[1]
+        leak = threshold * (1.0 - beta)
+        cap = cand_pos.shape[1]
+        acc = np.empty(n_out, dtype=v_state.dtype)
+        for b in range(b_lo, b_hi):
+            for t in range(t0, t1):
+                for n in range(n_out):
+                    acc[n] = bias[n]
+                if use_current:
+                    for n in range(n_out):
+                        acc[n] += current[t - t0, b, n]
+                else:
+                    r = t * batch + b
+                    for e in range(row_ptr[r], row_ptr[r + 1]):
+                        w = values[e]
+                        j = cols[e]
+                        for n in range(n_out):
+                            acc[n] += w * table[j, n]
+                base = (t * batch + b) * n_out
+                found = 0
+                for n in range(n_out):
+                    v = (acc[n] - leak) + beta * v_state[b, n] - threshold * s_state[b, n]
+                    v_state[b, n] = v
+                    s = 1.0 if v > 0 else 0.0
+                    s_state[b, n] = s
+                    spikes[t, b, n] = s
+                    a = abs(v)
+                    if a < cand_threshold:
+                        c = cand_count[b]
+                        if c < cap:
+                            cand_pos[b, c] = base + n
+                            cand_abs_v[b, c] = a
+                        cand_count[b] = c + 1
+                        found += 1
+                row_counts[t, b] = found
+
+    @jit
+    def _gather_candidates(b_lo, b_hi, batch, row_offsets, cand_pos, cand_abs_v, cand_count, n_out, out_pos,
+                           out_abs_v):  # pragma: no cover - compiled
+        """Scatter each batch row's candidates to their row-major place (offsets per (t, b) row)."""
+        stride = batch * n_out
+        for b in range(b_lo, b_hi):
+            c = 0
+            while c < cand_count[b]:
+                t = cand_pos[b, c] // stride
+                p = row_offsets[t * batch + b]
+                while c < cand_count[b] and cand_pos[b, c] // stride == t:
+                    out_pos[p] = cand_pos[b, c]
+                    out_abs_v[p] = cand_abs_v[b, c]
+                    p += 1
+                    c += 1
+
+    @jit
+    def _weight_grad_rows(b_lo, b_hi, steps, batch, beta, row_ptr, cols, values, act_ptr, act_neuron, ds,
+                          out):  # pragma: no cover - compiled
+        """out += sum over active (t, b, i), b in b_lo..b_hi-1, of ds * eps[t, b, :] (trace on the fly)."""
+        eps = np.zeros(out.shape[1], dtype=out.dtype)
+        for b in range(b_lo, b_hi):
+            last = -1
+            for t in range(steps):
+                r = t * batch + b
+                if act_ptr[r + 1] > act_ptr[r]:
+                    last = t
+            if last < 0:
+                continue
+            eps[:] = 0.0
+            for t in range(last + 1):
+                r = t * batch + b
+                for j in range(eps.shape[0]):
+                    eps[j] *= beta
+                for e in range(row_ptr[r], row_ptr[r + 1]):
+                    eps[cols[e]] += values[e]
+                for e in range(act_ptr[r], act_ptr[r + 1]):
+                    i = act_neuron[e]
+                    d = ds[e]
+                    for j in range(eps.shape[0]):
+                        out[i, j] += d * eps[j]
+
+    @jit
+    def _input_grad_rows(b_lo, b_hi, steps, batch, beta, act_ptr, act_neuron, ds, table, tgt_ptr, tgt_input,
+                         out):  # pragma: no cover - compiled
+        """out[k] = D[t, b, :] . W[:, j] at the targets of rows b_lo..b_hi-1, D the reverse filter of ds."""
+        n_out = table.shape[1]
+        d = np.zeros(n_out, dtype=out.dtype)
+        for b in range(b_lo, b_hi):
+            last = -1
+            for t in range(steps):
+                r = t * batch + b
+                if act_ptr[r + 1] > act_ptr[r]:
+                    last = t
+            d[:] = 0.0
+            for t in range(steps - 1, -1, -1):
+                r = t * batch + b
+                if t <= last:
+                    for n in range(n_out):
+                        d[n] *= beta
+                    for e in range(act_ptr[r], act_ptr[r + 1]):
+                        d[act_neuron[e]] += ds[e]
+                for k in range(tgt_ptr[r], tgt_ptr[r + 1]):
+                    j = tgt_input[k]
+                    total = 0.0
+                    if t <= last:
+                        for n in range(n_out):
+                            total += d[n] * table[j, n]
+                    out[k] = total
+
+    @jit
+    def _time_filter_columns(lo, hi, grid, beta, reverse):  # pragma: no cover - compiled
+        """In place on a (T, columns) array: grid[t] += beta * grid[t -+ 1], columns lo..hi-1."""
+        steps = grid.shape[0]
+        if reverse:
+            for t in range(steps - 2, -1, -1):
+                for c in range(lo, hi):
+                    grid[t, c] += beta * grid[t + 1, c]
+        else:
+            for t in range(1, steps):
+                for c in range(lo, hi):
+                    grid[t, c] += beta * grid[t - 1, c]
+
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    """A pool of torch.get_num_threads() workers, made anew in a forked child or when that changes."""
+    global _pool
+    workers = max(1, torch.get_num_threads())
+    if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+        _pool = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers))
+    return _pool[2]
+
+
+def block_ranges(count: int, blocks: int = BLOCKS) -> list[tuple[int, int]]:
+    """[0, count) cut into at most `blocks` fixed, non-empty ranges."""
+    bounds = np.linspace(0, count, min(blocks, max(count, 1)) + 1).astype(np.int64)
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def run_blocks(work, count: int, blocks: int = BLOCKS) -> None:
+    """work(block, lo, hi) for the fixed ranges of [0, count), on the pool (nogil kernels inside)."""
+    ranges = block_ranges(count, blocks)
+    if len(ranges) <= 1 or torch.get_num_threads() == 1:
+        for block, (lo, hi) in enumerate(ranges):
+            work(block, lo, hi)
+        return
+    for future in [_executor().submit(work, block, lo, hi) for block, (lo, hi) in enumerate(ranges)]:
+        future.result()
+
+
+def run_kernel(kernel, count: int, *args) -> None:
+    """kernel(lo, hi, *args) over the fixed ranges of [0, count)."""
+    run_blocks(lambda block, lo, hi: kernel(lo, hi, *args), count)
+
 
 def philox_uniforms(index: torch.Tensor, seed: int, offset: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(u1, u2) float32 of the RNG contract at int64 CPU positions `index` (as `rng.uniforms`)."""
@@ -46,3 +240,29 @@ def philox_uniforms(index: torch.Tensor, seed: int, offset: int, k: int) -> tupl
     u2 = np.empty_like(u1)
     _philox_uniforms(positions, np.uint64(seed), np.uint64(offset), np.uint64(k), u1, u2)
     return torch.from_numpy(u1), torch.from_numpy(u2)
+
+
+def scan_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_ptr, cols, values) of the non-zeros of a (rows, width) CPU tensor, row-major."""
+    array = dense.contiguous().numpy()
+    rows = array.shape[0]
+    counts = np.empty(rows, dtype=np.int64)
+    run_kernel(_scan_rows, rows, array, counts)
+    row_ptr = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    cols = np.empty(row_ptr[-1], dtype=np.int64)
+    values = np.empty(row_ptr[-1], dtype=array.dtype)
+    run_kernel(_fill_rows, rows, array, row_ptr, cols, values)
+    return torch.from_numpy(row_ptr), torch.from_numpy(cols), torch.from_numpy(values)
+
+
+def warm_up() -> float:
+    """Compile (or load from the disk cache) every kernel for float32 and float64; seconds taken."""
+    from .backends.native_backend import warm_up as warm_backend
+
+    start = time.perf_counter()
+    philox_uniforms(torch.arange(4), 1, 0, 0)
+    for dtype in (torch.float32, torch.float64):
+        scan_rows(torch.eye(3, dtype=dtype))
+        warm_backend(dtype)
+    return time.perf_counter() - start

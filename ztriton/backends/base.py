@@ -2,7 +2,8 @@
 
 The autograd Functions (`ztriton.ops`) call these methods and nothing else, with the same
 signature on every backend; a backend is one module implementing `Backend`, plus one line in
-`ztriton.backends.REGISTRY`. Shapes: x (T, B, N_in), weight (N_out, N_in), grids (T, B, N).
+`ztriton.backends.REGISTRY`. Shapes: x (T, B, N_in), dense or sparse COO, weight (N_out, N_in),
+grids (T, B, N).
 Gradient arithmetic is float32 (float64 for a float64 layer): `compute_dtype`.
 """
 
@@ -59,6 +60,8 @@ class Workspace:
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        #: sizes learnt from earlier calls (e.g. a candidate buffer's capacity)
+        self.hints: dict[str, int] = {}
 
     def get(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         shape = torch.Size(shape)

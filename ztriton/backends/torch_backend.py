@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from ..events import dense
 from ..functional import localzo_active
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
@@ -103,6 +104,7 @@ def sparse_weight_grad(
     """
     steps, batch, _ = active.shape
     n_out, n_in = weight_shape
+    x = dense(x)
     grad_w = torch.zeros(weight_shape, dtype=ds.dtype, device=x.device)
     if active.nnz == 0:
         return grad_w
@@ -140,9 +142,9 @@ def sparse_weight_grad(
 
 def filtered_grad(ds: torch.Tensor, active: ActiveSet, beta: float) -> torch.Tensor:
     """D = reverse-time filter of ds scattered on the full (T, B, N) grid."""
-    dense = torch.zeros(active.shape, dtype=ds.dtype, device=ds.device)
-    dense.view(-1).index_copy_(0, active.index, ds)
-    return reverse_filter_(dense, beta)
+    grid = torch.zeros(active.shape, dtype=ds.dtype, device=ds.device)
+    grid.view(-1).index_copy_(0, active.index, ds)
+    return reverse_filter_(grid, beta)
 
 
 def _row_dots(flat, rows, weight_t, inputs, out, workspace: Workspace) -> None:
@@ -227,6 +229,7 @@ def event_current(events, n_rows: int, table: torch.Tensor) -> torch.Tensor:
 def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,
                 workspace: Workspace) -> LIFForward:
     """Eq. 1 and g, FORWARD_CHUNK time steps at a time (see the module docstring)."""
+    x = dense(x)
     steps, batch, _ = x.shape
     n_out, device = weight.shape[0], weight.device
     rule, dtype = cfg.rule, compute_dtype(weight.dtype)
@@ -234,8 +237,8 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
     chunk = min(steps, FORWARD_CHUNK)
     membrane = workspace.get("membrane", (chunk, batch, n_out), dtype, device)
     current = membrane if weight.dtype == dtype else workspace.get("current", membrane.shape, weight.dtype, device)
-    dense = needs_grad and rule.grad == "surrogate"
-    g = torch.empty(spikes.shape, dtype=dtype, device=device) if dense else None
+    dense_g = needs_grad and rule.grad == "surrogate"
+    g = torch.empty(spikes.shape, dtype=dtype, device=device) if dense_g else None
     indices, grads, previous = [], [], None
     sparse_input, table = True, weight.t().contiguous()  # event-driven while the input stays sparse
     for start in range(0, steps, FORWARD_CHUNK):
@@ -253,14 +256,14 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
             v.copy_(piece)
         lif_recurrence(v, spikes[start:stop], cfg.beta, cfg.threshold, previous)
         previous = (v[-1].clone(), spikes[stop - 1])
-        if dense:
+        if dense_g:
             g[start:stop] = rule.law.expected_grad(v, rule.delta)
         elif needs_grad:
             found = active_set(v, rule, key, start * batch * n_out)
             indices.append(found.index + start * batch * n_out)
             grads.append(found.grad)
     active = None
-    if needs_grad and not dense:
+    if needs_grad and not dense_g:
         active = ActiveSet(torch.cat(indices), torch.cat(grads), spikes.shape) if indices else ActiveSet.empty(spikes.shape, device)
     return LIFForward(spikes, g, active)
 

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ..events import dense
 from ..distributions import FastSigmoid, Laplace, Normal, SurrogateDistribution, Uniform
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
@@ -58,7 +59,7 @@ class TritonBackend:
             return torch_backend.lif_forward(x, weight, bias, cfg, needs_grad, key, workspace)
         from ..kernels.lif_forward import lif_localzo_forward
 
-        current = torch.matmul(x.to(weight.dtype), weight.t())
+        current = torch.matmul(dense(x).to(weight.dtype), weight.t())
         if bias is not None:
             current += bias
         spikes, grad = lif_localzo_forward(
@@ -73,7 +74,7 @@ class TritonBackend:
         from ..kernels.sparse_weight_grad import sparse_weight_grad
         from ..kernels.time_filter import time_filter
 
-        trace = time_filter(x, beta)
+        trace = time_filter(dense(x), beta)
         return sparse_weight_grad(trace, ds, active.rows, active.neurons, weight_shape[0]).to(ds.dtype)
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import Backend, Workspace, compute_dtype
+from ..events import dense
 from ..sparse import producer_of
 from .common import dense_incoming, input_grad_from_filtered, refuse_double_backward
 
@@ -18,7 +19,7 @@ class LeakyReadoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spikes, weight, bias, beta: float, backend: Backend, workspace: Workspace):
-        current = torch.matmul(spikes.to(weight.dtype), weight.t())
+        current = torch.matmul(dense(spikes).to(weight.dtype), weight.t())
         if bias is not None:
             current += bias
         current = current.to(compute_dtype(weight.dtype)).mul_(1.0 - beta)
@@ -36,7 +37,7 @@ class LeakyReadoutFunction(torch.autograd.Function):
         grad = dense_incoming(grad_out).to(dtype, copy=True)
         filtered = ctx.backend.time_filter(grad, ctx.beta, reverse=True).mul_(1.0 - ctx.beta)
         flat = filtered.view(-1, filtered.shape[2])
-        grad_w = flat.t().matmul(spikes.reshape(-1, spikes.shape[2]).to(dtype)).to(weight.dtype)
+        grad_w = flat.t().matmul(dense(spikes).reshape(-1, spikes.shape[2]).to(dtype)).to(weight.dtype)
         grad_b = flat.sum(0).to(weight.dtype) if ctx.has_bias else None
         grad_x = None
         if ctx.needs_input_grad[0]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import Backend, LIFConfig, Workspace, compute_dtype
+from ..events import dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
 from .common import dense_incoming, input_grad_from_filtered, refuse_double_backward
@@ -104,7 +105,7 @@ def _dense_backward(ctx, grad_spikes, x, weight, g, dtype):
     ds = dense_incoming(grad_spikes).to(dtype) * g
     filtered = ctx.backend.time_filter(ds, ctx.cfg.beta, reverse=True)
     flat = filtered.view(-1, filtered.shape[2])
-    grad_w = flat.t().matmul(x.reshape(-1, x.shape[2]).to(dtype))
+    grad_w = flat.t().matmul(dense(x).reshape(-1, x.shape[2]).to(dtype))
     grad_b = flat.sum(0) if ctx.has_bias else None
     grad_x = None
     if ctx.needs_input_grad[0]:

@@ -1,0 +1,184 @@
+"""The native CPU backend: numba kernels (`ztriton.native`) behind the backend protocol.
+
+Forward: one kernel per block of batch rows runs eq. 1 over all T steps -- input current from the
+events of each (t, b) row (or from a GEMM, time chunk by time chunk, for dense inputs), membrane
+in registers, spikes written, candidate entries (|v| below the rule's threshold) compacted per
+row -- then g at the candidates: LocalZO by the RNG contract, SparseGrad by the surrogate. No
+per-time-step Python. The surrogate rule (dense g) uses the torch backend's forward.
+Backward: the weight gradient builds each batch row's input trace on the fly and adds ds * eps
+at that row's active entries (one accumulator per fixed block, summed in block order); the input
+gradient walks each row's reverse-time filter and evaluates it at the upstream targets only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import native
+from ..events import dense, events_of
+from ..functional import candidate_threshold, localzo_at
+from ..rng import PhiloxKey
+from ..sparse import ActiveSet
+from . import torch_backend
+from .base import LIFConfig, LIFForward, Workspace, compute_dtype
+
+DTYPES = (torch.float32, torch.float64)
+#: time steps of GEMM current per kernel call for dense inputs above the event density
+CURRENT_CHUNK = 64
+
+
+def _numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+def _np_dtype(dtype: torch.dtype):
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _row_ptr(rows: torch.Tensor, count: int) -> np.ndarray:
+    """CSR pointer over `count` rows for sorted row numbers."""
+    row_ptr = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows.numpy(), minlength=count), out=row_ptr[1:])
+    return row_ptr
+
+
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype`, so the kernel's comparison equals one made in that dtype."""
+    return float(torch.tensor(value, dtype=dtype))
+
+
+def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, cap: int):
+    """The forward kernel over all rows; returns (spikes, candidate buffers, counts, row counts)."""
+    steps, batch, _ = x.shape
+    n_out, dtype = weight.shape[0], weight.dtype
+    table = _numpy(weight.t(), dtype)
+    bias_np = _numpy(bias, dtype) if bias is not None else np.zeros(n_out, dtype=table.dtype)
+    spikes = np.empty((steps, batch, n_out), dtype=table.dtype)
+    v = np.full((batch, n_out), -cfg.threshold, dtype=table.dtype)
+    s = np.zeros((batch, n_out), dtype=table.dtype)
+    cand_pos = np.empty((batch, cap), dtype=np.int64)
+    cand_abs_v = np.empty((batch, cap), dtype=table.dtype)
+    cand_count = np.zeros(batch, dtype=np.int64)
+    row_counts = np.empty((steps, batch), dtype=np.int64)
+    events = events_of(x)
+    event_driven = events.nnz <= torch_backend.EVENT_DENSITY * x.numel()
+    common = (cfg.beta, cfg.threshold, v, s, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count, row_counts)
+    if event_driven:
+        row_ptr, cols = events.row_ptr.numpy(), events.cols.numpy()
+        values = _numpy(events.values, dtype)
+        empty = np.zeros((1, 1, 1), dtype=table.dtype)
+        native.run_kernel(native._lif_rows, batch, 0, steps, batch, row_ptr, cols, values, table, empty, False,
+                          bias_np, *common)
+    else:
+        no_events = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, table.dtype))
+        for t0 in range(0, steps, CURRENT_CHUNK):
+            t1 = min(steps, t0 + CURRENT_CHUNK)
+            current = _numpy(torch.matmul(dense(x[t0:t1]).to(dtype), weight.detach().t()), dtype)
+            native.run_kernel(native._lif_rows, batch, t0, t1, batch, *no_events, table, current, True, bias_np, *common)
+    return spikes, cand_pos, cand_abs_v, cand_count, row_counts
+
+
+def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,
+                workspace: Workspace) -> LIFForward:
+    rule = cfg.rule
+    if needs_grad and rule.grad == "surrogate":
+        return torch_backend.lif_forward(x, weight, bias, cfg, needs_grad, key, workspace)
+    steps, batch, _ = x.shape
+    n_out, dtype = weight.shape[0], weight.dtype
+    if not needs_grad:
+        threshold = 0.0
+    elif rule.grad == "sparsegrad":
+        threshold = _rounded(rule.bth, dtype)
+    else:
+        threshold = _rounded(candidate_threshold(rule.law, rule.delta), dtype)
+    cap = workspace.hints.get("candidates_per_row", max(16, steps * n_out // 16))
+    while True:
+        spikes, cand_pos, cand_abs_v, cand_count, row_counts = _run_forward(x, weight, bias, cfg, threshold, cap)
+        largest = int(cand_count.max()) if batch else 0
+        if largest <= cap:
+            break
+        cap = int(largest * 1.25) + 16  # rare: more candidates than the buffer held, run again
+    workspace.hints["candidates_per_row"] = max(16, int(largest * 1.25))
+    spikes_t = torch.from_numpy(spikes)
+    if not needs_grad:
+        return LIFForward(spikes_t, None, None)
+    offsets = np.zeros(steps * batch + 1, dtype=np.int64)
+    np.cumsum(row_counts.reshape(-1), out=offsets[1:])
+    positions = np.empty(offsets[-1], dtype=np.int64)
+    abs_v = np.empty(offsets[-1], dtype=spikes.dtype)
+    native.run_kernel(native._gather_candidates, batch, batch, offsets, cand_pos, cand_abs_v, cand_count, n_out,
+                      positions, abs_v)
+    positions_t, abs_v_t = torch.from_numpy(positions), torch.from_numpy(abs_v)
+    if rule.grad == "sparsegrad":
+        return LIFForward(spikes_t, None, ActiveSet(positions_t, rule.law.expected_grad(abs_v_t, rule.delta),
+                                                    spikes.shape))
+    keep, g = localzo_at(positions_t, abs_v_t, rule.delta, rule.m, rule.law, key)
+    return LIFForward(spikes_t, None, ActiveSet(positions_t[keep], g, spikes.shape))
+
+
+def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, workspace: Workspace):
+    """dW = sum over active (t, b, i) of ds * eps[t, b, :]; each batch row's trace built on the fly."""
+    steps, batch, _ = active.shape
+    dtype = ds.dtype
+    events = events_of(x)
+    act_ptr = _row_ptr(active.rows, steps * batch)
+    blocks = native.block_ranges(batch)
+    out = np.zeros((len(blocks),) + tuple(weight_shape), dtype=_np_dtype(dtype))
+    args = (steps, batch, beta, events.row_ptr.numpy(), events.cols.numpy(), _numpy(events.values, dtype), act_ptr,
+            active.neurons.numpy(), _numpy(ds, dtype))
+    native.run_blocks(lambda block, lo, hi: native._weight_grad_rows(lo, hi, *args, out[block]), batch)
+    return torch.from_numpy(out.sum(0))
+
+
+def input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet, workspace: Workspace):
+    """dL/dx at the targets: each batch row's reverse filter of ds, dotted with W's columns there."""
+    steps, batch, _ = active.shape
+    dtype = ds.dtype
+    out = np.empty(targets.nnz, dtype=_np_dtype(dtype))
+    native.run_kernel(native._input_grad_rows, batch, steps, batch, beta, _row_ptr(active.rows, steps * batch),
+                      active.neurons.numpy(), _numpy(ds, dtype), _numpy(weight.t(), dtype),
+                      _row_ptr(targets.rows, steps * batch), targets.neurons.numpy(), out)
+    return torch.from_numpy(out)
+
+
+def time_filter(grid, beta: float, reverse: bool):
+    """In place along dim 0, columns in fixed blocks."""
+    grid = grid.contiguous()
+    flat = grid.view(grid.shape[0], -1).numpy()
+    native.run_kernel(native._time_filter_columns, flat.shape[1], flat, beta, reverse)
+    return grid
+
+
+class NativeBackend:
+    """numba kernels on CPU for float32 and float64 layers (see the module docstring)."""
+
+    name = "native"
+
+    @staticmethod
+    def available(device: torch.device, dtype: torch.dtype) -> bool:
+        return native.AVAILABLE and device.type == "cpu" and dtype in DTYPES
+
+    lif_forward = staticmethod(lif_forward)
+    weight_grad = staticmethod(weight_grad)
+    input_grad = staticmethod(input_grad)
+    filtered_grad = staticmethod(torch_backend.filtered_grad)
+    input_grad_at = staticmethod(torch_backend.input_grad_at)
+    time_filter = staticmethod(time_filter)
+
+
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile the backend's kernels for `dtype` on a tiny problem."""
+    from .base import SpikeRule
+    from ..distributions import get_distribution
+
+    law = get_distribution("normal")
+    x = torch.eye(2, dtype=dtype).expand(3, 2, 2).contiguous()
+    weight = torch.ones(2, 2, dtype=dtype)
+    cfg = LIFConfig(0.9, 0.5, SpikeRule("localzo", law, 1.0, 1, 1.0))
+    out = lif_forward(x, weight, None, cfg, True, PhiloxKey(1, 0), Workspace())
+    active = out.active if out.active.nnz else ActiveSet(torch.tensor([0]), torch.ones(1, dtype=dtype), (3, 2, 2))
+    ds = torch.ones(active.nnz, dtype=dtype)
+    weight_grad(ds, active, x, 0.9, weight.shape, Workspace())
+    input_grad(ds, active, 0.9, weight, active, Workspace())
+    time_filter(torch.ones(3, 2, dtype=dtype), 0.9, True)

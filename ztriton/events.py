@@ -1,0 +1,74 @@
+"""Spike events as first-class data: sparse COO batches from the data sets, per-row CSR for the kernels.
+
+A batch of events is a coalesced torch sparse COO tensor of shape (T, B, N_in) (`spike_batch`).
+Kernels read events row by row: `events_of(x)` gives the CSR of x seen as (T * B, N_in) rows --
+from a sparse tensor by counting its (sorted) rows, from a dense one by a native scan -- and
+caches it on the tensor for as long as the tensor is unchanged (its version counter).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+CACHE_ATTR = "_ztriton_events"
+
+
+class Events(NamedTuple):
+    """Rows r = t * B + b of a (T, B, N) tensor: the non-zeros of row r are cols/values[row_ptr[r]:row_ptr[r + 1]]."""
+
+    row_ptr: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def nnz(self) -> int:
+        return self.cols.numel()
+
+
+def spike_batch(t: np.ndarray, b: np.ndarray, n: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A coalesced sparse COO spike tensor (value 1.0) with ones at the distinct (t, b, n) given."""
+    steps, batch, width = shape
+    flat = np.unique((np.asarray(t, np.int64) * batch + np.asarray(b, np.int64)) * width + np.asarray(n, np.int64))
+    indices = np.stack([flat // (batch * width), (flat // width) % batch, flat % width])
+    return torch.sparse_coo_tensor(torch.from_numpy(indices), torch.ones(flat.size), shape,
+                                   is_coalesced=True, check_invariants=False)
+
+
+def _from_sparse(x: torch.Tensor) -> Events:
+    x = x if x.is_coalesced() else x.coalesce()
+    indices = x._indices()
+    steps, batch, _ = x.shape
+    rows = indices[0] * batch + indices[1]
+    row_ptr = torch.zeros(steps * batch + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(torch.bincount(rows, minlength=steps * batch), 0, out=row_ptr[1:])
+    return Events(row_ptr, indices[2].contiguous(), x._values())
+
+
+def _from_dense(x: torch.Tensor) -> Events:
+    from . import native
+
+    flat = x.reshape(-1, x.shape[-1])
+    if native.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return Events(*native.scan_rows(flat))
+    rows, cols = torch.nonzero(flat, as_tuple=True)
+    row_ptr = torch.zeros(flat.shape[0] + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(torch.bincount(rows, minlength=flat.shape[0]), 0, out=row_ptr[1:])
+    return Events(row_ptr, cols, flat[rows, cols])
+
+
+def events_of(x: torch.Tensor) -> Events:
+    """The CSR events of a (T, B, N) tensor, sparse COO or dense (cached while x is unchanged)."""
+    cached = getattr(x, CACHE_ATTR, None)
+    if cached is not None and cached[1] == x._version:
+        return cached[0]
+    events = _from_sparse(x) if x.is_sparse else _from_dense(x)
+    setattr(x, CACHE_ATTR, (events, x._version))
+    return events
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x as a strided tensor (a sparse COO batch is densified)."""
+    return x.to_dense() if x.is_sparse else x
