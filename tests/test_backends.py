@@ -1,0 +1,157 @@
+"""Every backend gives the same spikes, active sets and gradients as the torch reference.
+
+float64 for torch vs native (exact spikes and active sets, gradients to summation order); the
+Triton backend (interpreter here) is float32-only and compared with a flip-rate tolerance.
+"""
+
+import pytest
+import torch
+
+from ztriton import LeakyReadout, SparseLIFLinear, native
+from ztriton.distributions import FastSigmoid, Sigmoid, get_distribution
+from ztriton.events import events_of, spike_batch
+from ztriton.sparse import producer_of
+
+pytestmark = [pytest.mark.skipif(not native.AVAILABLE, reason="numba is not installed"),
+              pytest.mark.filterwarnings("ignore::ztriton.SilentLayerWarning")]  # the silent case is meant
+LAWS = {
+    "normal": lambda d: "normal", "uniform": lambda d: "uniform", "laplace": lambda d: "laplace",
+    "sigmoid": lambda d: Sigmoid(delta=d), "fast_sigmoid": lambda d: FastSigmoid(delta=d),
+}
+CASES = [  # (sizes incl. input and readout, T, B, input density, weight gain)
+    ([13, 7, 5, 3], 17, 3, 0.3, 3.0),
+    ([9, 11, 6, 4], 1, 2, 0.5, 4.0),  # T = 1
+    ([40, 23, 17, 5], 70, 5, 0.03, 4.0),  # sparse input: event-driven current
+    ([8, 6, 5, 2], 12, 3, 0.4, 1e-4),  # silent: empty active sets
+]
+
+
+def build(backend, sizes, gain, grad, dist, m, path, bias, dtype):
+    torch.manual_seed(0)
+    layers = [SparseLIFLinear(a, b, beta=0.9, grad=grad, dist=dist, delta=0.3, m=m, path=path, bias=bias,
+                              backend=backend).to(dtype) for a, b in zip(sizes[:-2], sizes[1:-1])]
+    readout = LeakyReadout(sizes[-2], sizes[-1], beta=0.8, backend=backend).to(dtype)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(gain)
+            if bias:
+                layer.bias.uniform_(-0.1, 0.1)
+    return layers, readout
+
+
+def run(layers, readout, x, sparse_input):
+    torch.manual_seed(7)
+    xi = x.to_sparse() if sparse_input else x.clone().requires_grad_(True)
+    h, spikes = xi, []
+    for layer in layers:
+        h = layer(h)
+        spikes.append(h)
+    (readout(h).amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in spikes)).backward()
+    grads = [p.grad for layer in layers + [readout] for p in layer.parameters()]
+    return spikes, [producer_of(s) for s in spikes], grads + ([] if sparse_input else [xi.grad])
+
+
+def compare(case, grad, dist, m, path, bias, sparse_input, backend="native"):
+    sizes, steps, batch, density, gain = case
+    x = (torch.rand(steps, batch, sizes[0], generator=torch.Generator().manual_seed(3)) < density).double()
+    results = {}
+    for name in ("torch", backend):
+        layers, readout = build(name, sizes, gain, grad, dist, m, path, bias, torch.float64)
+        results[name] = run(layers, readout, x, sparse_input)
+        assert all(layer.stats["backend"] == name for layer in layers)
+    (s_ref, a_ref, g_ref), (s, a, g) = results["torch"], results[backend]
+    for one, two in zip(s_ref, s):
+        assert torch.equal(one, two)
+    for one, two in zip(a_ref, a):
+        assert (one is None) == (two is None)
+        if one is not None:
+            assert torch.equal(one.index, two.index)
+            torch.testing.assert_close(one.grad, two.grad, rtol=1e-12, atol=0)
+    for one, two in zip(g_ref, g):
+        torch.testing.assert_close(one, two, rtol=1e-9, atol=1e-12)
+    return a_ref
+
+
+@pytest.mark.parametrize("case", CASES, ids=["odd", "T1", "sparse-input", "silent"])
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("grad", ["localzo", "sparsegrad", "surrogate"])
+def test_native_equals_torch(case, path, grad):
+    active = compare(case, grad, "normal", 2, path, False, False)
+    if case is CASES[3] and path == "sparse" and grad != "surrogate":
+        assert all(a.nnz == 0 for a in active)
+
+
+@pytest.mark.parametrize("name", sorted(LAWS))
+@pytest.mark.parametrize("sparse_input", [False, True])
+def test_native_equals_torch_for_every_law_with_bias(name, sparse_input):
+    compare(CASES[2], "localzo", LAWS[name](0.3), 3, "sparse", True, sparse_input)
+
+
+def test_native_results_do_not_depend_on_the_thread_count():
+    sizes, steps, batch, density, gain = CASES[2]
+    x = (torch.rand(steps, batch, sizes[0], generator=torch.Generator().manual_seed(3)) < density).float()
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            layers, readout = build("native", sizes, gain, "localzo", "normal", 1, "sparse", False, torch.float32)
+            runs.append(run(layers, readout, x, False))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(runs[0][0] + runs[0][2], runs[1][0] + runs[1][2]):
+        assert torch.equal(one, two)
+
+
+def test_triton_equals_native_on_float32():
+    sizes, steps, batch, density, gain = CASES[0]
+    x = (torch.rand(steps, batch, sizes[0], generator=torch.Generator().manual_seed(3)) < density).float()
+    results = {}
+    for name in ("native", "triton"):
+        layers, readout = build(name, sizes, gain, "localzo", "laplace", 2, "sparse", False, torch.float32)
+        results[name] = run(layers, readout, x, False)
+    for one, two in zip(results["native"][0], results["triton"][0]):
+        assert (one != two).float().mean() <= 1e-3
+    for one, two in zip(results["native"][2], results["triton"][2]):
+        torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-4)
+
+
+def test_events_from_sparse_and_dense_inputs_agree():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(9, 4, 13, generator=gen) < 0.2).double() * torch.rand(9, 4, 13, generator=gen, dtype=torch.float64)
+    one, two = events_of(x), events_of(x.to_sparse())
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    assert one.row_ptr.numel() == 9 * 4 + 1 and one.nnz == int((x != 0).sum())
+    assert events_of(x) is one  # cached while x is unchanged
+    x.mul_(2)
+    assert events_of(x) is not one and torch.equal(events_of(x).values, 2 * one.values)
+
+
+def test_spike_batch_builds_a_coalesced_event_tensor():
+    batch = spike_batch([2, 0, 2, 2], [1, 0, 1, 0], [3, 1, 3, 0], (4, 2, 5))
+    assert batch.is_sparse and batch.is_coalesced() and batch.shape == (4, 2, 5)
+    dense = torch.zeros(4, 2, 5)
+    dense[2, 1, 3] = dense[0, 0, 1] = dense[2, 0, 0] = 1.0
+    assert torch.equal(batch.to_dense(), dense)
+
+
+@pytest.mark.parametrize(
+    "x,error,message",
+    [
+        (torch.zeros(5, 2, 4).to_sparse(2), ValueError, r"a sparse x must have 3 sparse dimensions \(T, B, in_features\), got 2"),
+        (torch.zeros(5, 2, 4).to_sparse().requires_grad_(True), ValueError, "a sparse x \\(events\\) cannot require grad"),
+        (torch.full((5, 2, 4), float("nan")).to_sparse(), ValueError, "x contains NaN or inf"),
+        (torch.zeros(5, 2, 3).to_sparse(), ValueError, "x has 3 features, the layer expects in_features=4"),
+    ],
+)
+def test_bad_sparse_input(x, error, message):
+    with pytest.raises(error, match=message):
+        SparseLIFLinear(4, 3, beta=0.9)(x)
+
+
+def test_native_needs_cpu_and_float32_or_64():
+    layer = SparseLIFLinear(4, 3, beta=0.9, backend="native").half()
+    with pytest.raises(ValueError, match=r"backend='native' is not available for a torch.float16 layer on cpu "
+                                         r"\(it needs numba, the CPU and a float32/64 layer\)"):
+        layer(torch.zeros(2, 1, 4, dtype=torch.float16))
+    assert get_distribution("normal").name == "normal"
