@@ -11,6 +11,8 @@ method's working memory alone); on a GPU, the allocator's peak during one step.
     python bench/bench_layer.py --steps 100    # quicker
     python bench/bench_layer.py --device cuda  # on a GPU (Triton backend)
     python bench/bench_layer.py --regulariser  # loss = cross-entropy + the training's spike-count regulariser
+    python bench/bench_layer.py --events       # the engine takes the input as events (sparse COO), as the
+                                               # data sets deliver it; the BPTT takes it dense
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ def _peak_worker(method, args, queue):
     with warnings.catch_warnings():  # load library code (e.g. numba's JIT) before the baseline
         warnings.simplefilter("ignore", SilentLayerWarning)  # a 2-step batch may not make layer 2 fire
         step(model, x[:2, :2], labels[:2], args.regulariser)
+    if args.events and method != "bptt":
+        x = x.to_sparse()
     before = _rss_bytes()
     for _ in range(2):
         step(model, x, labels, args.regulariser)
@@ -207,18 +211,21 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the engine then uses its Triton backend)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--regulariser", action="store_true", help="add the spike-count regulariser to the loss")
+    parser.add_argument("--events", action="store_true", help="give the engine the input as a sparse COO tensor")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     x, labels = batch(args)
+    events = x.to_sparse() if args.events else x
+    inputs = {method: x if method == "bptt" else events for method in METHODS}
     models = {method: build(method, args) for method in METHODS}
     times = {method: ([], []) for method in METHODS}
     for method in METHODS:  # warm-up
-        step(models[method], x, labels, args.regulariser)
+        step(models[method], inputs[method], labels, args.regulariser)
     for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit every method alike
         for method in METHODS:
-            fwd, bwd = step(models[method], x, labels, args.regulariser)
+            fwd, bwd = step(models[method], inputs[method], labels, args.regulariser)
             times[method][0].append(fwd)
             times[method][1].append(bwd)
     stats = [layer.stats for layer in models["sparse"] if isinstance(layer, SparseLIFLinear)]
@@ -229,7 +236,8 @@ def main(argv=None):
     b_th = get_distribution("normal").backprop_threshold(args.delta)
     print(
         f"T={args.steps} B={args.batch} {args.inputs}-{'-'.join([str(args.hidden)] * args.layers)}-{args.classes} "
-        f"LocalZO normal delta={args.delta} m=1 (B_th={b_th:.4f}), input rate {args.input_rate}, "
+        f"LocalZO normal delta={args.delta} m=1 (B_th={b_th:.4f}), input rate {args.input_rate}"
+        f"{' as events' if args.events else ''}, "
         f"{args.device} ({args.threads} threads), engine backend {backend}, medians of {args.repeats}"
     )
     print("active fraction per layer: " + ", ".join(f"{100 * s['active_fraction']:.3f} %" for s in stats))

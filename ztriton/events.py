@@ -59,13 +59,18 @@ def _from_dense(x: torch.Tensor) -> Events:
     return Events(row_ptr, cols, flat[rows, cols])
 
 
+def cache_events(x: torch.Tensor, events: Events) -> None:
+    """Remember the events of x (e.g. written by the kernel that made x) while x is unchanged."""
+    setattr(x, CACHE_ATTR, (events, x._version))
+
+
 def events_of(x: torch.Tensor) -> Events:
     """The CSR events of a (T, B, N) tensor, sparse COO or dense (cached while x is unchanged)."""
     cached = getattr(x, CACHE_ATTR, None)
     if cached is not None and cached[1] == x._version:
         return cached[0]
     events = _from_sparse(x) if x.is_sparse else _from_dense(x)
-    setattr(x, CACHE_ATTR, (events, x._version))
+    cache_events(x, events)
     return events
 
 

@@ -29,11 +29,11 @@ if AVAILABLE:
     jit = numba.njit(cache=True, nogil=True)
 
     @jit
-    def _philox_uniforms(index, seed, offset, k, u1, u2):  # pragma: no cover - compiled
+    def _philox_uniforms(lo, hi, index, seed, offset, k, u1, u2):  # pragma: no cover - compiled
         mask = np.uint64(0xFFFFFFFF)
         key0 = np.uint64(seed) & mask
         key1 = (np.uint64(seed) >> np.uint64(32)) & mask
-        for i in range(index.shape[0]):
+        for i in range(lo, hi):
             position = np.uint64(index[i])
             c0, c1 = position & mask, position >> np.uint64(32)
             c2, c3 = np.uint64(offset) & mask, np.uint64(k)
@@ -72,16 +72,18 @@ if AVAILABLE:
     @jit
     def _lif_rows(b_lo, b_hi, t0, t1, batch, row_ptr, cols, values, table, current, use_current, bias, beta,
                   threshold, v_state, s_state, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count,
-                  row_counts):  # pragma: no cover - compiled
+                  row_counts, spk_pos, spk_val, spk_count, spk_row_counts):  # pragma: no cover - compiled
         """Eq. 1 for batch rows b_lo..b_hi-1 and steps t0..t1-1 (state carried in v_state, s_state).
 
         Input current: `current[t - t0, b]` if use_current, else the events of row t * batch + b
-        (cols, values) times table = W^T. Candidates (|v| < cand_threshold) are appended per batch
-        row (flat position in (T, B, N), |v|) while capacity lasts; cand_count keeps counting past it.
+        (cols, values) times table = W^T. Candidates (|v| < cand_threshold) and spikes are appended
+        per batch row (flat position in (T, B, N); |v|, resp. 1) while capacity lasts; the counts go
+        on past it, so the caller can see an overflow and run again with more room.
         """
         n_out = table.shape[1]
         leak = threshold * (1.0 - beta)
         cap = cand_pos.shape[1]
+        spk_cap = spk_pos.shape[1]
         acc = np.empty(n_out, dtype=v_state.dtype)
         for b in range(b_lo, b_hi):
             for t in range(t0, t1):
@@ -97,28 +99,38 @@ if AVAILABLE:
                         j = cols[e]
                         for n in range(n_out):
                             acc[n] += w * table[j, n]
-                base = (t * batch + b) * n_out
-                found = 0
-                for n in range(n_out):
+                for n in range(n_out):  # branch-free, so it vectorises
                     v = (acc[n] - leak) + beta * v_state[b, n] - threshold * s_state[b, n]
                     v_state[b, n] = v
                     s = 1.0 if v > 0 else 0.0
                     s_state[b, n] = s
                     spikes[t, b, n] = s
-                    a = abs(v)
-                    if a < cand_threshold:
+                    acc[n] = abs(v)
+                base = (t * batch + b) * n_out
+                found = 0
+                fired = 0
+                for n in range(n_out):  # rare events: record candidates and spikes
+                    if acc[n] < cand_threshold:
                         c = cand_count[b]
                         if c < cap:
                             cand_pos[b, c] = base + n
-                            cand_abs_v[b, c] = a
+                            cand_abs_v[b, c] = acc[n]
                         cand_count[b] = c + 1
                         found += 1
+                    if s_state[b, n] > 0:
+                        c = spk_count[b]
+                        if c < spk_cap:
+                            spk_pos[b, c] = base + n
+                            spk_val[b, c] = 1.0
+                        spk_count[b] = c + 1
+                        fired += 1
                 row_counts[t, b] = found
+                spk_row_counts[t, b] = fired
 
     @jit
-    def _gather_candidates(b_lo, b_hi, batch, row_offsets, cand_pos, cand_abs_v, cand_count, n_out, out_pos,
-                           out_abs_v):  # pragma: no cover - compiled
-        """Scatter each batch row's candidates to their row-major place (offsets per (t, b) row)."""
+    def _gather_rows(b_lo, b_hi, batch, row_offsets, cand_pos, cand_abs_v, cand_count, n_out, out_pos,
+                     out_abs_v):  # pragma: no cover - compiled
+        """Scatter each batch row's entries (position, value) to their row-major place (offsets per (t, b) row)."""
         stride = batch * n_out
         for b in range(b_lo, b_hi):
             c = 0
@@ -238,7 +250,7 @@ def philox_uniforms(index: torch.Tensor, seed: int, offset: int, k: int) -> tupl
     positions = index.contiguous().numpy()
     u1 = np.empty(positions.shape[0], dtype=np.float32)
     u2 = np.empty_like(u1)
-    _philox_uniforms(positions, np.uint64(seed), np.uint64(offset), np.uint64(k), u1, u2)
+    run_kernel(_philox_uniforms, positions.shape[0], positions, np.uint64(seed), np.uint64(offset), np.uint64(k), u1, u2)
     return torch.from_numpy(u1), torch.from_numpy(u2)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import native
-from ..events import dense, events_of
+from ..events import Events, cache_events, dense, events_of
 from ..functional import candidate_threshold, localzo_at
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
@@ -48,8 +48,34 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(value, dtype=dtype))
 
 
-def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, cap: int):
-    """The forward kernel over all rows; returns (spikes, candidate buffers, counts, row counts)."""
+class _Buffers:
+    """Per-batch-row lists the forward kernel fills: (position, value) entries, counts, per-(t, b) counts."""
+
+    def __init__(self, steps: int, batch: int, cap: int, dtype):
+        self.pos = np.empty((batch, cap), dtype=np.int64)
+        self.val = np.empty((batch, cap), dtype=dtype)
+        self.count = np.zeros(batch, dtype=np.int64)
+        self.row_counts = np.empty((steps, batch), dtype=np.int64)
+
+    def overflow(self) -> int:
+        """0 if every row fitted, else the largest count seen."""
+        largest = int(self.count.max()) if self.count.size else 0
+        return largest if largest > self.pos.shape[1] else 0
+
+    def gather(self, n_out: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(positions, values) in row-major order, and the CSR pointer over (t, b) rows."""
+        steps, batch = self.row_counts.shape
+        offsets = np.zeros(steps * batch + 1, dtype=np.int64)
+        np.cumsum(self.row_counts.reshape(-1), out=offsets[1:])
+        positions = np.empty(offsets[-1], dtype=np.int64)
+        values = np.empty(offsets[-1], dtype=self.val.dtype)
+        native.run_kernel(native._gather_rows, batch, batch, offsets, self.pos, self.val, self.count, n_out,
+                          positions, values)
+        return torch.from_numpy(positions), torch.from_numpy(values), offsets
+
+
+def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: tuple[int, int]):
+    """The forward kernel over all rows: (spikes, candidate buffers, spike buffers)."""
     steps, batch, _ = x.shape
     n_out, dtype = weight.shape[0], weight.dtype
     table = _numpy(weight.t(), dtype)
@@ -57,13 +83,11 @@ def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, cap: in
     spikes = np.empty((steps, batch, n_out), dtype=table.dtype)
     v = np.full((batch, n_out), -cfg.threshold, dtype=table.dtype)
     s = np.zeros((batch, n_out), dtype=table.dtype)
-    cand_pos = np.empty((batch, cap), dtype=np.int64)
-    cand_abs_v = np.empty((batch, cap), dtype=table.dtype)
-    cand_count = np.zeros(batch, dtype=np.int64)
-    row_counts = np.empty((steps, batch), dtype=np.int64)
+    candidates, fired = _Buffers(steps, batch, caps[0], table.dtype), _Buffers(steps, batch, caps[1], table.dtype)
     events = events_of(x)
     event_driven = events.nnz <= torch_backend.EVENT_DENSITY * x.numel()
-    common = (cfg.beta, cfg.threshold, v, s, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count, row_counts)
+    common = (cfg.beta, cfg.threshold, v, s, spikes, cand_threshold, candidates.pos, candidates.val, candidates.count,
+              candidates.row_counts, fired.pos, fired.val, fired.count, fired.row_counts)
     if event_driven:
         row_ptr, cols = events.row_ptr.numpy(), events.cols.numpy()
         values = _numpy(events.values, dtype)
@@ -76,7 +100,7 @@ def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, cap: in
             t1 = min(steps, t0 + CURRENT_CHUNK)
             current = _numpy(torch.matmul(dense(x[t0:t1]).to(dtype), weight.detach().t()), dtype)
             native.run_kernel(native._lif_rows, batch, t0, t1, batch, *no_events, table, current, True, bias_np, *common)
-    return spikes, cand_pos, cand_abs_v, cand_count, row_counts
+    return spikes, candidates, fired
 
 
 def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,
@@ -92,24 +116,22 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
         threshold = _rounded(rule.bth, dtype)
     else:
         threshold = _rounded(candidate_threshold(rule.law, rule.delta), dtype)
-    cap = workspace.hints.get("candidates_per_row", max(16, steps * n_out // 16))
+    default = max(16, steps * n_out // 16)
+    caps = [workspace.hints.get("candidates_per_row", default), workspace.hints.get("spikes_per_row", default)]
     while True:
-        spikes, cand_pos, cand_abs_v, cand_count, row_counts = _run_forward(x, weight, bias, cfg, threshold, cap)
-        largest = int(cand_count.max()) if batch else 0
-        if largest <= cap:
+        spikes, candidates, fired = _run_forward(x, weight, bias, cfg, threshold, tuple(caps))
+        overflow = (candidates.overflow(), fired.overflow())
+        if not any(overflow):
             break
-        cap = int(largest * 1.25) + 16  # rare: more candidates than the buffer held, run again
-    workspace.hints["candidates_per_row"] = max(16, int(largest * 1.25))
+        caps = [int(seen * 1.25) + 16 if seen else cap for seen, cap in zip(overflow, caps)]  # rare: run again
+    for name, buffers in (("candidates_per_row", candidates), ("spikes_per_row", fired)):
+        workspace.hints[name] = max(16, int(int(buffers.count.max(initial=0)) * 1.25))
     spikes_t = torch.from_numpy(spikes)
+    positions, ones, row_ptr = fired.gather(n_out)
+    cache_events(spikes_t, Events(torch.from_numpy(row_ptr), positions % n_out, ones))
     if not needs_grad:
         return LIFForward(spikes_t, None, None)
-    offsets = np.zeros(steps * batch + 1, dtype=np.int64)
-    np.cumsum(row_counts.reshape(-1), out=offsets[1:])
-    positions = np.empty(offsets[-1], dtype=np.int64)
-    abs_v = np.empty(offsets[-1], dtype=spikes.dtype)
-    native.run_kernel(native._gather_candidates, batch, batch, offsets, cand_pos, cand_abs_v, cand_count, n_out,
-                      positions, abs_v)
-    positions_t, abs_v_t = torch.from_numpy(positions), torch.from_numpy(abs_v)
+    positions_t, abs_v_t, _ = candidates.gather(n_out)
     if rule.grad == "sparsegrad":
         return LIFForward(spikes_t, None, ActiveSet(positions_t, rule.law.expected_grad(abs_v_t, rule.delta),
                                                     spikes.shape))
