@@ -81,6 +81,11 @@ def test_native_equals_torch(case, path, grad):
         assert all(a.nnz == 0 for a in active)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["dense-events", "T1"])
+def test_native_equals_torch_on_sparse_input_above_the_event_density(case):
+    compare(case, "localzo", "uniform", 1, "sparse", False, True)
+
+
 @pytest.mark.parametrize("name", sorted(LAWS))
 @pytest.mark.parametrize("sparse_input", [False, True])
 def test_native_equals_torch_for_every_law_with_bias(name, sparse_input):

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=None, help="default: the dataset preset")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
+    t.add_argument("--backend", choices=["auto", "torch", "native", "triton"], default="auto",
+                   help="kernels: auto = Triton on CUDA, native (numba) on CPU, else torch (default: auto)")
     t.add_argument("--hidden", type=int, nargs="+", default=[200, 200])
     t.add_argument("--steps", type=int, default=None, help="time steps T (default: the dataset preset)")
     t.add_argument("--compare-every", type=int, default=10, help="time sparse vs dense every K steps (0: never)")

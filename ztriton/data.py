@@ -2,7 +2,9 @@
 
 Images become one spike per pixel at t = tau_eff ln(x / (x - theta)) steps (x in [0, 1]; pixels
 x <= theta never fire; times >= T are dropped), as in the paper's FMNIST set-up. A dataset keeps the spike
-time of every input (-1: none) and builds dense (T, B, N) batches on demand.
+time of every input (-1: none); event data sets keep each sample's (bin, unit) pairs. Both build
+batches as sparse COO (T, B, N) event tensors (`ztriton.events.spike_batch`), vectorised, and
+offer `collate` for a torch.utils.data.DataLoader (worker processes included).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .events import spike_batch
 
 TAU_EFF = 20.0
 THETA = 0.2
@@ -48,12 +52,16 @@ class SpikeTimeDataset:
         return self.times.shape[1]
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense spikes (T, len(index), N) and labels for the samples `index`."""
+        """Spike events, sparse COO (T, len(index), N), and labels for the samples `index`."""
         times = self.times[index]
-        spikes = torch.zeros(self.steps, index.numel(), self.inputs)
         sample, unit = torch.nonzero(times >= 0, as_tuple=True)
-        spikes[times[sample, unit], sample, unit] = 1.0
+        spikes = spike_batch(times[sample, unit].numpy(), sample.numpy(), unit.numpy(),
+                             (self.steps, index.numel(), self.inputs))
         return spikes, self.labels[index]
+
+    def collate(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch` for a list of sample indices (a DataLoader's collate_fn)."""
+        return self.batch(torch.as_tensor(indices, dtype=torch.int64))
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,11 +164,17 @@ class EventDataset:
         return self.labels.numel()
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spikes = torch.zeros(self.steps, index.numel(), self.inputs)
-        for column, sample in enumerate(index.tolist()):
-            lo, hi = self.offsets[sample], self.offsets[sample + 1]
-            spikes[torch.from_numpy(self.bins[lo:hi]).long(), column, torch.from_numpy(self.units[lo:hi]).long()] = 1.0
+        """Spike events, sparse COO (T, len(index), N), and labels, gathered without a per-sample loop."""
+        samples = np.asarray(index, dtype=np.int64)
+        starts, lengths = self.offsets[samples], self.offsets[samples + 1] - self.offsets[samples]
+        ends = np.cumsum(lengths)
+        within = np.arange(ends[-1] if ends.size else 0) - np.repeat(ends - lengths, lengths)
+        rows = np.repeat(starts, lengths) + within
+        column = np.repeat(np.arange(samples.size), lengths)
+        spikes = spike_batch(self.bins[rows], column, self.units[rows], (self.steps, samples.size, self.inputs))
         return spikes, self.labels[index]
+
+    collate = SpikeTimeDataset.collate
 
 
 def bin_events(times_us: np.ndarray, units: np.ndarray, dt_ms: float, steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -59,6 +59,7 @@ class Config:
     lr: float | None = None
     seed: int = 0
     device: str = "cpu"
+    backend: str = "auto"
     hidden: list = field(default_factory=lambda: [200, 200])
     steps: int | None = None
     compare_every: int = 10
@@ -103,11 +104,11 @@ class SNN(nn.Module):
         self.hidden = nn.ModuleList(
             SparseLIFLinear(
                 a, b, beta=preset["beta"], grad=cfg.grad, dist=cfg.dist, delta=cfg.delta, m=cfg.m,
-                bth=cfg.bth, path=cfg.path,
+                bth=cfg.bth, path=cfg.path, backend=cfg.backend,
             )
             for a, b in zip(sizes[:-1], sizes[1:])
         )
-        self.readout = LeakyReadout(sizes[-1], classes, beta=preset["readout_beta"])
+        self.readout = LeakyReadout(sizes[-1], classes, beta=preset["readout_beta"], backend=cfg.backend)
         self.reduce = preset["readout"]
         for layer in list(self.hidden) + [self.readout]:
             fan_in = layer.weight.shape[1]
@@ -204,12 +205,19 @@ def evaluate(model, data, cfg, device) -> tuple[float, float]:
     with torch.no_grad():
         for start in range(0, len(data), cfg.batch_size):
             index = torch.arange(start, min(len(data), start + cfg.batch_size))
-            x, y = data.batch(index)
-            logits, _ = model(x.to(device))
-            total_loss += float(nn.functional.cross_entropy(logits, y.to(device), reduction="sum"))
-            correct += int((logits.argmax(1).cpu() == y).sum())
+            x, y = to_device(*data.batch(index), device)
+            logits, _ = model(x)
+            total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
     model.train()
     return total_loss / len(data), correct / len(data)
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on `device`; to a GPU through pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return x.to(device), y.to(device)
+    return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -369,8 +377,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and procs.main), leave=False)
             for index in bar:
                 started = time.perf_counter()
-                x, y = train_data.batch(procs.shard(index))
-                x, y = x.to(device), y.to(device)
+                x, y = to_device(*train_data.batch(procs.shard(index)), device)
                 data_s += time.perf_counter() - started
                 record = {"step": len(step_log) + 1, "epoch": epoch + 1}
                 if cfg.compare_every and len(step_log) % cfg.compare_every == 0 and procs.world == 1:

@@ -96,9 +96,10 @@ def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: t
                           bias_np, *common)
     else:
         no_events = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, table.dtype))
+        x = dense(x)
         for t0 in range(0, steps, CURRENT_CHUNK):
             t1 = min(steps, t0 + CURRENT_CHUNK)
-            current = _numpy(torch.matmul(dense(x[t0:t1]).to(dtype), weight.detach().t()), dtype)
+            current = _numpy(torch.matmul(x[t0:t1].to(dtype), weight.detach().t()), dtype)
             native.run_kernel(native._lif_rows, batch, t0, t1, batch, *no_events, table, current, True, bias_np, *common)
     return spikes, candidates, fired
 
