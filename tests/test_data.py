@@ -46,7 +46,10 @@ def test_dataloader_workers_after_native_kernels_ran(kind):
         times = torch.randint(-1, 12, (40, 9), generator=torch.Generator().manual_seed(0))
         data = SpikeTimeDataset(times, torch.arange(40) % 4, steps=12, classes=4)
     layer = SparseLIFLinear(9, 5, beta=0.9, backend="auto")
+    with torch.no_grad():
+        layer.weight.mul_(4)
     layer(data.batch(torch.arange(8))[0])  # the parent runs the native kernels first
+    assert layer.stats["backend"] == "native"
     loader = DataLoader(range(len(data)), batch_size=8, collate_fn=data.collate, num_workers=2,
                         multiprocessing_context="fork")
     batches = list(loader)

@@ -21,7 +21,7 @@ from ..functional import candidate_threshold, localzo_at
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from . import torch_backend
-from .base import LIFConfig, LIFForward, Workspace, compute_dtype
+from .base import LIFConfig, LIFForward, Workspace
 
 DTYPES = (torch.float32, torch.float64)
 #: time steps of GEMM current per kernel call for dense inputs above the event density
