@@ -131,9 +131,10 @@ class Normal(Distribution):
     name = "normal"
 
     def abs_z_from_uniforms(self, u1, u2):
-        # Box-Muller as Triton's tl.randn: |z| = sqrt(-2 ln u1) |cos(2 pi u2)|, u1 clamped to 1e-7
-        radius = torch.sqrt(-2.0 * torch.log(u1.clamp_min(1e-7)))
-        return (radius * torch.cos(u2 * 6.283185307179586)).abs()
+        # Box-Muller as Triton's tl.randn: |z| = sqrt(-2 ln u1) |cos(2 pi u2)|, u1 clamped to 1e-7;
+        # log, sqrt and cos in float64, rounded once (the correctly rounded float32 value)
+        radius = torch.sqrt(-2.0 * torch.log(u1.clamp_min(1e-7).double()))
+        return (radius * torch.cos((u2 * 6.283185307179586).double())).abs().float()
 
     def expected_grad(self, v, delta):
         delta = self.check_delta(delta)
@@ -172,7 +173,8 @@ class Laplace(Distribution):
     name = "laplace"
 
     def abs_z_from_uniforms(self, u1, u2):
-        return -torch.log(1.0 - u1) * 0.7071067811865476  # |z| ~ Exp(sqrt2)
+        # |z| ~ Exp(sqrt2); 1 - u1 in float32 (as every kernel), the log in float64, rounded once
+        return (-torch.log((1.0 - u1).double()) * 0.7071067811865476).float()
 
     def expected_grad(self, v, delta):
         delta = self.check_delta(delta)

@@ -29,25 +29,57 @@ if AVAILABLE:
     jit = numba.njit(cache=True, nogil=True)
 
     @jit
-    def _philox_uniforms(lo, hi, index, seed, offset, k, u1, u2):  # pragma: no cover - compiled
+    def _to_uniform(bits):  # pragma: no cover - compiled
+        signed = np.int64(bits) - np.int64(4294967296) if bits >= np.uint64(2147483648) else np.int64(bits)
+        folded = -signed - 1 if signed < 0 else signed
+        return np.float32(folded) * np.float32(4.6566127342e-10)
+
+    @jit
+    def _philox2(position, seed, offset, k):  # pragma: no cover - compiled
+        """(u1, u2) of the RNG contract at one flat position."""
         mask = np.uint64(0xFFFFFFFF)
-        key0 = np.uint64(seed) & mask
-        key1 = (np.uint64(seed) >> np.uint64(32)) & mask
+        k0, k1 = np.uint64(seed) & mask, (np.uint64(seed) >> np.uint64(32)) & mask
+        c0, c1 = np.uint64(position) & mask, np.uint64(position) >> np.uint64(32)
+        c2, c3 = np.uint64(offset) & mask, np.uint64(k)
+        for _ in range(10):
+            product_b = np.uint64(0xCD9E8D57) * c2
+            product_a = np.uint64(0xD2511F53) * c0
+            c0, c2 = ((product_b >> np.uint64(32)) ^ c1 ^ k0) & mask, ((product_a >> np.uint64(32)) ^ c3 ^ k1) & mask
+            c1, c3 = product_b & mask, product_a & mask
+            k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+        return _to_uniform(c0), _to_uniform(c1)
+
+    @jit
+    def _philox_uniforms(lo, hi, index, seed, offset, k, u1, u2):  # pragma: no cover - compiled
         for i in range(lo, hi):
-            position = np.uint64(index[i])
-            c0, c1 = position & mask, position >> np.uint64(32)
-            c2, c3 = np.uint64(offset) & mask, np.uint64(k)
-            k0, k1 = key0, key1
-            for _ in range(10):
-                product_b = np.uint64(0xCD9E8D57) * c2
-                product_a = np.uint64(0xD2511F53) * c0
-                c0, c2 = ((product_b >> np.uint64(32)) ^ c1 ^ k0) & mask, ((product_a >> np.uint64(32)) ^ c3 ^ k1) & mask
-                c1, c3 = product_b & mask, product_a & mask
-                k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
-            for out, bits in ((u1, c0), (u2, c1)):
-                signed = np.int64(bits) - np.int64(4294967296) if bits >= np.uint64(2147483648) else np.int64(bits)
-                folded = -signed - 1 if signed < 0 else signed
-                out[i] = np.float32(folded) * np.float32(4.6566127342e-10)
+            u1[i], u2[i] = _philox2(index[i], seed, offset, k)
+
+    @jit
+    def _abs_z(u1, u2, dist, dist_param, cdf, table_z):  # pragma: no cover - compiled
+        """|z| of a law from the contract's uniforms, float32: `Distribution.abs_z_from_uniforms` op for op."""
+        if dist == 0:  # normal, Box-Muller in float64, rounded once
+            radius = np.sqrt(-2.0 * np.log(np.float64(max(u1, np.float32(1e-7)))))
+            return np.float32(abs(radius * np.cos(np.float64(u2 * np.float32(6.283185307179586)))))
+        if dist == 1:  # uniform
+            return u1 * np.float32(1.7320508075688772)
+        if dist == 2:  # laplace
+            return np.float32(-np.log(np.float64(np.float32(1.0) - u1)) * 0.7071067811865476)
+        if dist == 3:  # fast sigmoid, dist_param = k * delta
+            root = np.float32(np.sqrt(np.float64(u1)))
+            return root / ((np.float32(1.0) - root) * np.float32(dist_param))
+        hi = cdf.shape[0] - 1  # table: smallest index with cdf >= u1, then linear interpolation
+        lo = 0
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cdf[mid] < u1:
+                lo = mid + 1
+            else:
+                hi = mid
+        upper = max(hi, 1)
+        c_lo, c_hi = cdf[upper - 1], cdf[upper]
+        frac = min(max((u1 - c_lo) / max(c_hi - c_lo, np.float32(1e-30)), np.float32(0.0)), np.float32(1.0))
+        z_lo = table_z[upper - 1]
+        return z_lo + frac * (table_z[upper] - z_lo)
 
     @jit
     def _scan_rows(lo, hi, dense, counts):  # pragma: no cover - compiled
@@ -72,13 +104,16 @@ if AVAILABLE:
     @jit
     def _lif_rows(b_lo, b_hi, t0, t1, batch, row_ptr, cols, values, table, current, use_current, bias, beta,
                   threshold, v_state, s_state, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count,
-                  row_counts, spk_pos, spk_val, spk_count, spk_row_counts):  # pragma: no cover - compiled
+                  row_counts, spk_pos, spk_val, spk_count, spk_row_counts, draw, seed, offset, m, dist,
+                  dist_param, cdf, table_z, delta, scale, inverse):  # pragma: no cover - compiled
         """Eq. 1 for batch rows b_lo..b_hi-1 and steps t0..t1-1 (state carried in v_state, s_state).
 
         Input current: `current[t - t0, b]` if use_current, else the events of row t * batch + b
         (cols, values) times table = W^T. Candidates (|v| < cand_threshold) and spikes are appended
         per batch row (flat position in (T, B, N); |v|, resp. 1) while capacity lasts; the counts go
-        on past it, so the caller can see an overflow and run again with more room.
+        on past it, so the caller can see an overflow and run again with more room. With `draw`,
+        a candidate is kept only if its LocalZO g (eq. 7, the RNG contract's m draws) is non-zero,
+        and g is recorded instead of |v| (float32 arithmetic, as `functional.localzo_at`).
         """
         n_out = table.shape[1]
         leak = threshold * (1.0 - beta)
@@ -111,12 +146,23 @@ if AVAILABLE:
                 fired = 0
                 for n in range(n_out):  # rare events: record candidates and spikes
                     if acc[n] < cand_threshold:
-                        c = cand_count[b]
-                        if c < cap:
-                            cand_pos[b, c] = base + n
-                            cand_abs_v[b, c] = acc[n]
-                        cand_count[b] = c + 1
-                        found += 1
+                        value = acc[n]
+                        if draw:
+                            near = np.float32(acc[n])
+                            total = np.float32(0.0)
+                            for k in range(m):
+                                u1, u2 = _philox2(base + n, seed, offset, k)
+                                z = _abs_z(u1, u2, dist, dist_param, cdf, table_z)
+                                if near < delta * z:
+                                    total += np.float32(1.0) / z if inverse else z
+                            value = total * scale
+                        if value > 0 or not draw:
+                            c = cand_count[b]
+                            if c < cap:
+                                cand_pos[b, c] = base + n
+                                cand_abs_v[b, c] = value
+                            cand_count[b] = c + 1
+                            found += 1
                     if s_state[b, n] > 0:
                         c = spk_count[b]
                         if c < spk_cap:

@@ -1,10 +1,10 @@
 """The native CPU backend: numba kernels (`ztriton.native`) behind the backend protocol.
 
 Forward: one kernel per block of batch rows runs eq. 1 over all T steps -- input current from the
-events of each (t, b) row (or from a GEMM, time chunk by time chunk, for dense inputs), membrane
-in registers, spikes written, candidate entries (|v| below the rule's threshold) compacted per
-row -- then g at the candidates: LocalZO by the RNG contract, SparseGrad by the surrogate. No
-per-time-step Python. The surrogate rule (dense g) uses the torch backend's forward.
+events of each (t, b) row (or from a GEMM, time chunk by time chunk, for dense inputs), spikes and
+their events written, and at every candidate entry (|v| below the rule's threshold) LocalZO's m
+draws by the RNG contract, keeping only entries with g != 0 (SparseGrad keeps |v| and takes the
+surrogate afterwards). No per-time-step Python. The surrogate rule (dense g) uses the torch backend's forward.
 Backward: the weight gradient builds each batch row's input trace on the fly and adds ds * eps
 at that row's active entries (one accumulator per fixed block, summed in block order); the input
 gradient walks each row's reverse-time filter and evaluates it at the upstream targets only.
@@ -17,7 +17,8 @@ import torch
 
 from .. import native
 from ..events import Events, cache_events, dense, events_of
-from ..functional import candidate_threshold, localzo_at
+from ..distributions import FastSigmoid, Laplace, Normal, Uniform
+from ..functional import candidate_threshold
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from . import torch_backend
@@ -74,7 +75,22 @@ class _Buffers:
         return torch.from_numpy(positions), torch.from_numpy(values), offsets
 
 
-def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: tuple[int, int]):
+def _draw_args(rule, key: PhiloxKey | None) -> tuple:
+    """The kernel's LocalZO arguments: (draw, seed, offset, m, dist, dist_param, cdf, |z| table, delta,
+    scale, inverse), float32 where the torch reference computes in float32."""
+    law = rule.law
+    codes = {Normal: 0, Uniform: 1, Laplace: 2, FastSigmoid: 3}
+    empty = np.zeros(2, dtype=np.float32)
+    if key is None or rule.grad != "localzo":
+        return (False, 0, 0, 1, 0, 0.0, empty, empty, np.float32(0.0), np.float32(0.0), False)
+    code = next((c for cls, c in codes.items() if type(law) is cls), 4)
+    cdf, table_z = (t.numpy() for t in law.sampling_tables("cpu")) if code == 4 else (empty, empty)
+    param = law.k * law.delta if code == 3 else 0.0
+    return (True, key.seed, key.offset & 0xFFFFFFFF, rule.m, code, param, cdf, table_z,
+            np.float32(rule.delta), np.float32(law.c / (2.0 * rule.delta * rule.m)), law.alpha != 1)
+
+
+def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: tuple[int, int], draw: tuple):
     """The forward kernel over all rows: (spikes, candidate buffers, spike buffers)."""
     steps, batch, _ = x.shape
     n_out, dtype = weight.shape[0], weight.dtype
@@ -87,7 +103,7 @@ def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: t
     events = events_of(x)
     event_driven = events.nnz <= torch_backend.EVENT_DENSITY * x.numel()
     common = (cfg.beta, cfg.threshold, v, s, spikes, cand_threshold, candidates.pos, candidates.val, candidates.count,
-              candidates.row_counts, fired.pos, fired.val, fired.count, fired.row_counts)
+              candidates.row_counts, fired.pos, fired.val, fired.count, fired.row_counts, *draw)
     if event_driven:
         row_ptr, cols = events.row_ptr.numpy(), events.cols.numpy()
         values = _numpy(events.values, dtype)
@@ -119,8 +135,9 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
         threshold = _rounded(candidate_threshold(rule.law, rule.delta), dtype)
     default = max(16, steps * n_out // 16)
     caps = [workspace.hints.get("candidates_per_row", default), workspace.hints.get("spikes_per_row", default)]
+    draw = _draw_args(rule, key if needs_grad else None)
     while True:
-        spikes, candidates, fired = _run_forward(x, weight, bias, cfg, threshold, tuple(caps))
+        spikes, candidates, fired = _run_forward(x, weight, bias, cfg, threshold, tuple(caps), draw)
         overflow = (candidates.overflow(), fired.overflow())
         if not any(overflow):
             break
@@ -132,12 +149,11 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
     cache_events(spikes_t, Events(torch.from_numpy(row_ptr), positions % n_out, ones))
     if not needs_grad:
         return LIFForward(spikes_t, None, None)
-    positions_t, abs_v_t, _ = candidates.gather(n_out)
-    if rule.grad == "sparsegrad":
-        return LIFForward(spikes_t, None, ActiveSet(positions_t, rule.law.expected_grad(abs_v_t, rule.delta),
+    positions_t, values, _ = candidates.gather(n_out)
+    if rule.grad == "sparsegrad":  # values: |v| at |v| < B_th
+        return LIFForward(spikes_t, None, ActiveSet(positions_t, rule.law.expected_grad(values, rule.delta),
                                                     spikes.shape))
-    keep, g = localzo_at(positions_t, abs_v_t, rule.delta, rule.m, rule.law, key)
-    return LIFForward(spikes_t, None, ActiveSet(positions_t[keep], g, spikes.shape))
+    return LIFForward(spikes_t, None, ActiveSet(positions_t, values.float(), spikes.shape))  # values: LocalZO g
 
 
 def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, workspace: Workspace):
