@@ -119,8 +119,10 @@ def batch(args):
 
 
 def step(model, x, labels, regularise=False):
-    """One forward + backward; returns (forward s, backward s). With `regularise`, the loss adds the
-    training application's spike-count regulariser (SHD preset) on the hidden layers."""
+    """One forward + backward on a fresh copy of x (nothing cached on the input from an earlier step);
+    returns (forward s, backward s). With `regularise`, the loss adds the training application's
+    spike-count regulariser (SHD preset) on the hidden layers."""
+    x = x.clone()
     for p in model.parameters():
         p.grad = None
     torch.manual_seed(0)

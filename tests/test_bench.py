@@ -29,3 +29,13 @@ def test_layer_benchmark_prints_its_table(capsys):
     for method in bench_layer.METHODS:
         assert f"\n{method:<8}" in out
     assert "active fraction per layer" in out
+
+
+def test_peers_benchmark_prints_its_table(capsys):
+    import bench_peers
+
+    bench_peers.main(["--steps", "12", "--batch", "3", "--inputs", "30", "--hidden", "16", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "\nztriton (events)" in out and "\nztriton (dense input)" in out
+    for peer in ("snntorch", "spikingjelly"):  # measured where installed, else named as skipped
+        assert f"\n{peer} " in out or f"{peer}: not installed, skipped" in out
