@@ -64,11 +64,17 @@ def cache_events(x: torch.Tensor, events: Events) -> None:
     setattr(x, CACHE_ATTR, (events, x._version))
 
 
+def cached_events(x: torch.Tensor) -> Events | None:
+    """The events remembered for x while it is unchanged (a layer's output, a validated input), else None."""
+    cached = getattr(x, CACHE_ATTR, None)
+    return cached[0] if cached is not None and cached[1] == x._version else None
+
+
 def events_of(x: torch.Tensor) -> Events:
     """The CSR events of a (T, B, N) tensor, sparse COO or dense (cached while x is unchanged)."""
-    cached = getattr(x, CACHE_ATTR, None)
-    if cached is not None and cached[1] == x._version:
-        return cached[0]
+    events = cached_events(x)
+    if events is not None:
+        return events
     events = _from_sparse(x) if x.is_sparse else _from_dense(x)
     cache_events(x, events)
     return events

@@ -12,6 +12,7 @@ from torch import nn
 from . import backends, rng
 from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval
 from .distributions import Distribution, resolve
+from .events import cached_events
 from .ops import LeakyReadoutFunction, LIFFunction, PathPolicy
 from .scheduler import DEFAULT_SCHEDULER, Scheduler
 from .sparse import mark_producer
@@ -43,7 +44,9 @@ def _check_input(x, in_features: int) -> torch.Tensor:
             raise ValueError(f"a sparse x must have 3 sparse dimensions (T, B, in_features), got {x.sparse_dim()}")
         if x.requires_grad:
             raise ValueError("a sparse x (events) cannot require grad; pass a dense tensor to get its gradient")
-    values = x._values() if x.is_sparse else x
+    if cached_events(x) is not None:
+        return x  # a layer's output, or a tensor checked before and unchanged since
+    values = (x._values() if x.is_sparse else x).detach()
     # one cheap reduction; the exact elementwise check runs only if the sum is not finite
     if values.numel() and not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
         raise ValueError("x contains NaN or inf")

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
-#: blocks a parallel kernel is cut into (fixed, so results do not depend on the thread count)
+#: blocks a parallel kernel is cut into (fixed by the problem size, so results do not depend on the
+#: thread count), and the fewest items (batch rows, columns) a block gets
 BLOCKS = 16
+MIN_BLOCK = 4
 
 if AVAILABLE:
     import numba
@@ -269,15 +271,15 @@ def _executor() -> ThreadPoolExecutor:
     return _pool[2]
 
 
-def block_ranges(count: int, blocks: int = BLOCKS) -> list[tuple[int, int]]:
-    """[0, count) cut into at most `blocks` fixed, non-empty ranges."""
-    bounds = np.linspace(0, count, min(blocks, max(count, 1)) + 1).astype(np.int64)
+def block_ranges(count: int, min_items: int = MIN_BLOCK) -> list[tuple[int, int]]:
+    """[0, count) cut into at most BLOCKS fixed, non-empty ranges of at least `min_items` items."""
+    bounds = np.linspace(0, count, min(BLOCKS, max(count // max(min_items, 1), 1)) + 1).astype(np.int64)
     return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
-def run_blocks(work, count: int, blocks: int = BLOCKS) -> None:
+def run_blocks(work, count: int, min_items: int = MIN_BLOCK) -> None:
     """work(block, lo, hi) for the fixed ranges of [0, count), on the pool (nogil kernels inside)."""
-    ranges = block_ranges(count, blocks)
+    ranges = block_ranges(count, min_items)
     if len(ranges) <= 1 or torch.get_num_threads() == 1:
         for block, (lo, hi) in enumerate(ranges):
             work(block, lo, hi)
@@ -286,9 +288,13 @@ def run_blocks(work, count: int, blocks: int = BLOCKS) -> None:
         future.result()
 
 
-def run_kernel(kernel, count: int, *args) -> None:
+def run_kernel(kernel, count: int, *args, min_items: int = MIN_BLOCK) -> None:
     """kernel(lo, hi, *args) over the fixed ranges of [0, count)."""
-    run_blocks(lambda block, lo, hi: kernel(lo, hi, *args), count)
+    run_blocks(lambda block, lo, hi: kernel(lo, hi, *args), count, min_items)
+
+
+#: elements of work below which a block is not worth a thread hand-off
+SMALL_WORK = 1 << 16
 
 
 def philox_uniforms(index: torch.Tensor, seed: int, offset: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +302,8 @@ def philox_uniforms(index: torch.Tensor, seed: int, offset: int, k: int) -> tupl
     positions = index.contiguous().numpy()
     u1 = np.empty(positions.shape[0], dtype=np.float32)
     u2 = np.empty_like(u1)
-    run_kernel(_philox_uniforms, positions.shape[0], positions, np.uint64(seed), np.uint64(offset), np.uint64(k), u1, u2)
+    run_kernel(_philox_uniforms, positions.shape[0], positions, np.uint64(seed), np.uint64(offset), np.uint64(k), u1, u2,
+               min_items=SMALL_WORK // 16)
     return torch.from_numpy(u1), torch.from_numpy(u2)
 
 

@@ -70,8 +70,9 @@ class _Buffers:
         np.cumsum(self.row_counts.reshape(-1), out=offsets[1:])
         positions = np.empty(offsets[-1], dtype=np.int64)
         values = np.empty(offsets[-1], dtype=self.val.dtype)
+        per_row = max(1, int(offsets[-1]) // max(batch, 1))
         native.run_kernel(native._gather_rows, batch, batch, offsets, self.pos, self.val, self.count, n_out,
-                          positions, values)
+                          positions, values, min_items=max(native.MIN_BLOCK, native.SMALL_WORK // per_row))
         return torch.from_numpy(positions), torch.from_numpy(values), offsets
 
 
@@ -185,7 +186,8 @@ def time_filter(grid, beta: float, reverse: bool):
     """In place along dim 0, columns in fixed blocks."""
     grid = grid.contiguous()
     flat = grid.view(grid.shape[0], -1).numpy()
-    native.run_kernel(native._time_filter_columns, flat.shape[1], flat, beta, reverse)
+    native.run_kernel(native._time_filter_columns, flat.shape[1], flat, beta, reverse,
+                      min_items=max(native.MIN_BLOCK, native.SMALL_WORK // max(flat.shape[0], 1)))
     return grid
 
 
