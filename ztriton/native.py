@@ -105,7 +105,7 @@ if AVAILABLE:
 
     @jit
     def _lif_rows(b_lo, b_hi, t0, t1, batch, row_ptr, cols, values, table, current, use_current, bias, beta,
-                  threshold, v_state, s_state, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count,
+                  threshold, leak, v_state, s_state, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count,
                   row_counts, spk_pos, spk_val, spk_count, spk_row_counts, draw, seed, offset, m, dist,
                   dist_param, cdf, table_z, delta, scale, inverse):  # pragma: no cover - compiled
         """Eq. 1 for batch rows b_lo..b_hi-1 and steps t0..t1-1 (state carried in v_state, s_state).
@@ -118,7 +118,6 @@ if AVAILABLE:
         and g is recorded instead of |v| (float32 arithmetic, as `functional.localzo_at`).
         """
         n_out = table.shape[1]
-        leak = threshold * (1.0 - beta)
         cap = cand_pos.shape[1]
         spk_cap = spk_pos.shape[1]
         acc = np.empty(n_out, dtype=v_state.dtype)
@@ -239,7 +238,7 @@ if AVAILABLE:
                         d[act_neuron[e]] += ds[e]
                 for k in range(tgt_ptr[r], tgt_ptr[r + 1]):
                     j = tgt_input[k]
-                    total = 0.0
+                    total = d[0] * 0
                     if t <= last:
                         for n in range(n_out):
                             total += d[n] * table[j, n]

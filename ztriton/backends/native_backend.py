@@ -37,6 +37,11 @@ def _np_dtype(dtype: torch.dtype):
     return np.float64 if dtype == torch.float64 else np.float32
 
 
+def _scalar(value: float, dtype: torch.dtype):
+    """A scalar in the arrays' precision, so the kernels compute in it (no silent float64 promotion)."""
+    return _np_dtype(dtype)(value)
+
+
 def _row_ptr(rows: torch.Tensor, count: int) -> np.ndarray:
     """CSR pointer over `count` rows for sorted row numbers."""
     row_ptr = np.zeros(count + 1, dtype=np.int64)
@@ -103,7 +108,9 @@ def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: t
     candidates, fired = _Buffers(steps, batch, caps[0], table.dtype), _Buffers(steps, batch, caps[1], table.dtype)
     events = events_of(x)
     event_driven = events.nnz <= torch_backend.EVENT_DENSITY * x.numel()
-    common = (cfg.beta, cfg.threshold, v, s, spikes, cand_threshold, candidates.pos, candidates.val, candidates.count,
+    common = (_scalar(cfg.beta, dtype), _scalar(cfg.threshold, dtype), _scalar(cfg.threshold * (1.0 - cfg.beta), dtype),
+              v, s, spikes, _scalar(cand_threshold, dtype),
+              candidates.pos, candidates.val, candidates.count,
               candidates.row_counts, fired.pos, fired.val, fired.count, fired.row_counts, *draw)
     if event_driven:
         row_ptr, cols = events.row_ptr.numpy(), events.cols.numpy()
@@ -165,7 +172,8 @@ def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, workspace: 
     act_ptr = _row_ptr(active.rows, steps * batch)
     blocks = native.block_ranges(batch)
     out = np.zeros((len(blocks),) + tuple(weight_shape), dtype=_np_dtype(dtype))
-    args = (steps, batch, beta, events.row_ptr.numpy(), events.cols.numpy(), _numpy(events.values, dtype), act_ptr,
+    args = (steps, batch, _scalar(beta, dtype), events.row_ptr.numpy(), events.cols.numpy(), _numpy(events.values, dtype),
+            act_ptr,
             active.neurons.numpy(), _numpy(ds, dtype))
     native.run_blocks(lambda block, lo, hi: native._weight_grad_rows(lo, hi, *args, out[block]), batch)
     return torch.from_numpy(out.sum(0))
@@ -176,7 +184,7 @@ def input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet, w
     steps, batch, _ = active.shape
     dtype = ds.dtype
     out = np.empty(targets.nnz, dtype=_np_dtype(dtype))
-    native.run_kernel(native._input_grad_rows, batch, steps, batch, beta, _row_ptr(active.rows, steps * batch),
+    native.run_kernel(native._input_grad_rows, batch, steps, batch, _scalar(beta, dtype), _row_ptr(active.rows, steps * batch),
                       active.neurons.numpy(), _numpy(ds, dtype), _numpy(weight.t(), dtype),
                       _row_ptr(targets.rows, steps * batch), targets.neurons.numpy(), out)
     return torch.from_numpy(out)
@@ -186,7 +194,7 @@ def time_filter(grid, beta: float, reverse: bool):
     """In place along dim 0, columns in fixed blocks."""
     grid = grid.contiguous()
     flat = grid.view(grid.shape[0], -1).numpy()
-    native.run_kernel(native._time_filter_columns, flat.shape[1], flat, beta, reverse,
+    native.run_kernel(native._time_filter_columns, flat.shape[1], flat, _scalar(beta, grid.dtype), reverse,
                       min_items=max(native.MIN_BLOCK, native.SMALL_WORK // max(flat.shape[0], 1)))
     return grid
 
