@@ -58,3 +58,12 @@ def test_dataloader_workers_after_native_kernels_ran(kind):
         expected_x, expected_y = data.batch(torch.arange(number * 8, number * 8 + 8))
         assert torch.equal(x.to_dense(), expected_x.to_dense()) and torch.equal(y, expected_y)
         layer(x)  # and the parent can still use them
+
+
+def test_event_batches_without_numba_are_the_same(monkeypatch):
+    data = _events(samples=12)
+    index = torch.tensor([11, 3, 0, 0, 7])
+    native_x, _ = data.batch(index)
+    monkeypatch.setattr("ztriton.native.AVAILABLE", False)
+    numpy_x, _ = data.batch(index)
+    assert torch.equal(native_x._indices(), numpy_x._indices()) and numpy_x.is_coalesced()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import native
 from .events import spike_batch
 
 TAU_EFF = 20.0
@@ -164,14 +165,21 @@ class EventDataset:
         return self.labels.numel()
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spike events, sparse COO (T, len(index), N), and labels, gathered without a per-sample loop."""
+        """Spike events, sparse COO (T, len(index), N), and labels, gathered without a per-sample loop
+        (one native pass where numba is installed)."""
         samples = np.asarray(index, dtype=np.int64)
+        shape = (self.steps, samples.size, self.inputs)
+        if native.AVAILABLE:
+            indices = torch.from_numpy(native.gather_events(self.bins, self.units, self.offsets, samples, self.steps))
+            spikes = torch.sparse_coo_tensor(indices, torch.ones(indices.shape[1]), shape, is_coalesced=True,
+                                             check_invariants=False)
+            return spikes, self.labels[index]
         starts, lengths = self.offsets[samples], self.offsets[samples + 1] - self.offsets[samples]
         ends = np.cumsum(lengths)
         within = np.arange(ends[-1] if ends.size else 0) - np.repeat(ends - lengths, lengths)
         rows = np.repeat(starts, lengths) + within
         column = np.repeat(np.arange(samples.size), lengths)
-        spikes = spike_batch(self.bins[rows], column, self.units[rows], (self.steps, samples.size, self.inputs))
+        spikes = spike_batch(self.bins[rows], column, self.units[rows], shape, by_column=True)  # each sample's pairs are distinct and sorted (bin_events)
         return spikes, self.labels[index]
 
     collate = SpikeTimeDataset.collate

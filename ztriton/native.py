@@ -84,6 +84,26 @@ if AVAILABLE:
         return z_lo + frac * (table_z[upper] - z_lo)
 
     @jit
+    def _gather_events(bins, units, offsets, samples, steps, out):  # pragma: no cover - compiled
+        """COO indices (3, nnz) of a batch, row-major: a counting sort by bin of the samples' events,
+        taken column by column (each sample's events are sorted by (bin, unit), so the result is
+        ordered by (t, b, n)). Serial: safe in forked DataLoader workers."""
+        start = np.zeros(steps + 1, dtype=np.int64)
+        for b in range(samples.shape[0]):
+            for e in range(offsets[samples[b]], offsets[samples[b] + 1]):
+                start[bins[e] + 1] += 1
+        for t in range(steps):
+            start[t + 1] += start[t]
+        for b in range(samples.shape[0]):
+            for e in range(offsets[samples[b]], offsets[samples[b] + 1]):
+                t = bins[e]
+                p = start[t]
+                out[0, p] = t
+                out[1, p] = b
+                out[2, p] = units[e]
+                start[t] = p + 1
+
+    @jit
     def _scan_rows(lo, hi, dense, counts):  # pragma: no cover - compiled
         """counts[r] = non-zeros of row r, rows lo..hi-1 of a (rows, width) array."""
         for r in range(lo, hi):
@@ -320,12 +340,22 @@ def scan_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return torch.from_numpy(row_ptr), torch.from_numpy(cols), torch.from_numpy(values)
 
 
+def gather_events(bins: np.ndarray, units: np.ndarray, offsets: np.ndarray, samples: np.ndarray,
+                  steps: int) -> np.ndarray:
+    """Row-major COO indices (3, nnz) of the events of `samples` (see `_gather_events`)."""
+    total = int((offsets[samples + 1] - offsets[samples]).sum())
+    out = np.empty((3, total), dtype=np.int64)
+    _gather_events(bins, units, offsets, samples, steps, out)
+    return out
+
+
 def warm_up() -> float:
     """Compile (or load from the disk cache) every kernel for float32 and float64; seconds taken."""
     from .backends.native_backend import warm_up as warm_backend
 
     start = time.perf_counter()
     philox_uniforms(torch.arange(4), 1, 0, 0)
+    gather_events(np.zeros(1, np.int16), np.zeros(1, np.int16), np.array([0, 1]), np.array([0]), 1)
     for dtype in (torch.float32, torch.float64):
         scan_rows(torch.eye(3, dtype=dtype))
         warm_backend(dtype)
