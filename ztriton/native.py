@@ -141,6 +141,8 @@ if AVAILABLE:
         cap = cand_pos.shape[1]
         spk_cap = spk_pos.shape[1]
         acc = np.empty(n_out, dtype=v_state.dtype)
+        zero = beta * 0  # 0 and 1 in the arrays' precision: no float64 promotion in the loops
+        one = zero + 1
         for b in range(b_lo, b_hi):
             for t in range(t0, t1):
                 for n in range(n_out):
@@ -158,7 +160,7 @@ if AVAILABLE:
                 for n in range(n_out):  # branch-free, so it vectorises
                     v = (acc[n] - leak) + beta * v_state[b, n] - threshold * s_state[b, n]
                     v_state[b, n] = v
-                    s = 1.0 if v > 0 else 0.0
+                    s = one if v > zero else zero
                     s_state[b, n] = s
                     spikes[t, b, n] = s
                     acc[n] = abs(v)
@@ -184,11 +186,11 @@ if AVAILABLE:
                                 cand_abs_v[b, c] = value
                             cand_count[b] = c + 1
                             found += 1
-                    if s_state[b, n] > 0:
+                    if s_state[b, n] > zero:
                         c = spk_count[b]
                         if c < spk_cap:
                             spk_pos[b, c] = base + n
-                            spk_val[b, c] = 1.0
+                            spk_val[b, c] = one
                         spk_count[b] = c + 1
                         fired += 1
                 row_counts[t, b] = found
