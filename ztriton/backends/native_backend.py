@@ -55,13 +55,17 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
 
 
 class _Buffers:
-    """Per-batch-row lists the forward kernel fills: (position, value) entries, counts, per-(t, b) counts."""
+    """Per-batch-row lists the forward kernel fills: (position, value) entries, counts, per-(t, b) counts.
 
-    def __init__(self, steps: int, batch: int, cap: int, dtype):
-        self.pos = np.empty((batch, cap), dtype=np.int64)
-        self.val = np.empty((batch, cap), dtype=dtype)
-        self.count = np.zeros(batch, dtype=np.int64)
-        self.row_counts = np.empty((steps, batch), dtype=np.int64)
+    Scratch kept in the layer's workspace (fresh pages cost more than the kernel's own writes).
+    """
+
+    def __init__(self, name: str, steps: int, batch: int, cap: int, dtype: torch.dtype, workspace: Workspace):
+        cpu = torch.device("cpu")
+        self.pos = workspace.get(f"{name}_pos", (batch, cap), torch.int64, cpu).numpy()
+        self.val = workspace.get(f"{name}_val", (batch, cap), dtype, cpu).numpy()
+        self.count = workspace.get(f"{name}_count", (batch,), torch.int64, cpu).zero_().numpy()
+        self.row_counts = workspace.get(f"{name}_rows", (steps, batch), torch.int64, cpu).numpy()
 
     def overflow(self) -> int:
         """0 if every row fitted, else the largest count seen."""
@@ -96,7 +100,8 @@ def _draw_args(rule, key: PhiloxKey | None) -> tuple:
             np.float32(rule.delta), np.float32(law.c / (2.0 * rule.delta * rule.m)), law.alpha != 1)
 
 
-def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: tuple[int, int], draw: tuple):
+def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: tuple[int, int], draw: tuple,
+                 workspace: Workspace):
     """The forward kernel over all rows: (spikes, candidate buffers, spike buffers)."""
     steps, batch, _ = x.shape
     n_out, dtype = weight.shape[0], weight.dtype
@@ -105,7 +110,8 @@ def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: t
     spikes = np.empty((steps, batch, n_out), dtype=table.dtype)
     v = np.full((batch, n_out), -cfg.threshold, dtype=table.dtype)
     s = np.zeros((batch, n_out), dtype=table.dtype)
-    candidates, fired = _Buffers(steps, batch, caps[0], table.dtype), _Buffers(steps, batch, caps[1], table.dtype)
+    candidates = _Buffers("candidates", steps, batch, caps[0], dtype, workspace)
+    fired = _Buffers("spikes", steps, batch, caps[1], dtype, workspace)
     events = events_of(x)
     event_driven = events.nnz <= torch_backend.EVENT_DENSITY * x.numel()
     common = (_scalar(cfg.beta, dtype), _scalar(cfg.threshold, dtype), _scalar(cfg.threshold * (1.0 - cfg.beta), dtype),
@@ -145,7 +151,7 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
     caps = [workspace.hints.get("candidates_per_row", default), workspace.hints.get("spikes_per_row", default)]
     draw = _draw_args(rule, key if needs_grad else None)
     while True:
-        spikes, candidates, fired = _run_forward(x, weight, bias, cfg, threshold, tuple(caps), draw)
+        spikes, candidates, fired = _run_forward(x, weight, bias, cfg, threshold, tuple(caps), draw, workspace)
         overflow = (candidates.overflow(), fired.overflow())
         if not any(overflow):
             break
