@@ -124,6 +124,15 @@ if AVAILABLE:
                     p += 1
 
     @jit
+    def _append(pos, val, count, b, position, value):  # pragma: no cover - compiled
+        """Append (position, value) to batch row b's list while it has room; count on regardless."""
+        c = count[b]
+        if c < pos.shape[1]:
+            pos[b, c] = position
+            val[b, c] = value
+        count[b] = c + 1
+
+    @jit
     def _lif_rows(b_lo, b_hi, t0, t1, batch, row_ptr, cols, values, table, current, use_current, bias, beta,
                   threshold, leak, v_state, s_state, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count,
                   row_counts, spk_pos, spk_val, spk_count, spk_row_counts, draw, seed, offset, m, dist,
@@ -138,8 +147,6 @@ if AVAILABLE:
         and g is recorded instead of |v| (float32 arithmetic, as `functional.localzo_at`).
         """
         n_out = table.shape[1]
-        cap = cand_pos.shape[1]
-        spk_cap = spk_pos.shape[1]
         acc = np.empty(n_out, dtype=v_state.dtype)
         zero = beta * 0  # 0 and 1 in the arrays' precision: no float64 promotion in the loops
         one = zero + 1
@@ -180,18 +187,10 @@ if AVAILABLE:
                                     total += np.float32(1.0) / z if inverse else z
                             value = total * scale
                         if value > 0 or not draw:
-                            c = cand_count[b]
-                            if c < cap:
-                                cand_pos[b, c] = base + n
-                                cand_abs_v[b, c] = value
-                            cand_count[b] = c + 1
+                            _append(cand_pos, cand_abs_v, cand_count, b, base + n, value)
                             found += 1
                     if s_state[b, n] > zero:
-                        c = spk_count[b]
-                        if c < spk_cap:
-                            spk_pos[b, c] = base + n
-                            spk_val[b, c] = one
-                        spk_count[b] = c + 1
+                        _append(spk_pos, spk_val, spk_count, b, base + n, one)
                         fired += 1
                 row_counts[t, b] = found
                 spk_row_counts[t, b] = fired
