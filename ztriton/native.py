@@ -124,15 +124,6 @@ if AVAILABLE:
                     p += 1
 
     @jit
-    def _append(pos, val, count, b, position, value):  # pragma: no cover - compiled
-        """Append (position, value) to batch row b's list while it has room; count on regardless."""
-        c = count[b]
-        if c < pos.shape[1]:
-            pos[b, c] = position
-            val[b, c] = value
-        count[b] = c + 1
-
-    @jit
     def _lif_rows(b_lo, b_hi, t0, t1, batch, row_ptr, cols, values, table, current, use_current, bias, beta,
                   threshold, leak, v_state, s_state, spikes, cand_threshold, cand_pos, cand_abs_v, cand_count,
                   row_counts, spk_pos, spk_val, spk_count, spk_row_counts, draw, seed, offset, m, dist,
@@ -186,11 +177,20 @@ if AVAILABLE:
                                 if near < delta * z:
                                     total += np.float32(1.0) / z if inverse else z
                             value = total * scale
+                        # the two appends are written out: as a helper, even inlined, the step ran ~10 % slower
                         if value > 0 or not draw:
-                            _append(cand_pos, cand_abs_v, cand_count, b, base + n, value)
+                            c = cand_count[b]
+                            if c < cand_pos.shape[1]:
+                                cand_pos[b, c] = base + n
+                                cand_abs_v[b, c] = value
+                            cand_count[b] = c + 1
                             found += 1
                     if s_state[b, n] > zero:
-                        _append(spk_pos, spk_val, spk_count, b, base + n, one)
+                        c = spk_count[b]
+                        if c < spk_pos.shape[1]:
+                            spk_pos[b, c] = base + n
+                            spk_val[b, c] = one
+                        spk_count[b] = c + 1
                         fired += 1
                 row_counts[t, b] = found
                 spk_row_counts[t, b] = fired
@@ -212,16 +212,21 @@ if AVAILABLE:
                     c += 1
 
     @jit
+    def _last_active_step(act_ptr, steps, batch, b):  # pragma: no cover - compiled
+        """The last t whose row (t, b) has an active entry, or -1."""
+        for t in range(steps - 1, -1, -1):
+            r = t * batch + b
+            if act_ptr[r + 1] > act_ptr[r]:
+                return t
+        return -1
+
+    @jit
     def _weight_grad_rows(b_lo, b_hi, steps, batch, beta, row_ptr, cols, values, act_ptr, act_neuron, ds,
                           out):  # pragma: no cover - compiled
         """out += sum over active (t, b, i), b in b_lo..b_hi-1, of ds * eps[t, b, :] (trace on the fly)."""
         eps = np.zeros(out.shape[1], dtype=out.dtype)
         for b in range(b_lo, b_hi):
-            last = -1
-            for t in range(steps):
-                r = t * batch + b
-                if act_ptr[r + 1] > act_ptr[r]:
-                    last = t
+            last = _last_active_step(act_ptr, steps, batch, b)
             if last < 0:
                 continue
             eps[:] = 0.0
@@ -244,11 +249,7 @@ if AVAILABLE:
         n_out = table.shape[1]
         d = np.zeros(n_out, dtype=out.dtype)
         for b in range(b_lo, b_hi):
-            last = -1
-            for t in range(steps):
-                r = t * batch + b
-                if act_ptr[r + 1] > act_ptr[r]:
-                    last = t
+            last = _last_active_step(act_ptr, steps, batch, b)
             d[:] = 0.0
             for t in range(steps - 1, -1, -1):
                 r = t * batch + b
