@@ -109,5 +109,5 @@ def test_options_are_named_in_errors_and_documented(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for fragment in ("--compare-every COMPARE_EVERY time the sparse against the dense path every K steps "
-                     "(0: never) (default: 100)", "--seed SEED seed of initialisation, shuffling and z (default: 0)"):
+                     "(0: never) (default: 200)", "--seed SEED seed of initialisation, shuffling and z (default: 0)"):
         assert fragment in text

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="kernels: auto = Triton on CUDA, native (numba) on CPU, else torch")
     t.add_argument("--hidden", type=int, nargs="+", default=[200, 200], help="hidden layer sizes")
     t.add_argument("--steps", type=int, default=None, help="time steps T (None: the dataset preset)")
-    t.add_argument("--compare-every", type=int, default=100,
+    t.add_argument("--compare-every", type=int, default=200,
                    help="time the sparse against the dense path every K steps (0: never)")
     t.add_argument("--out", default=None, help="run folder (None: runs/<dataset>-<timestamp>)")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",

@@ -64,7 +64,7 @@ class Config:
     backend: str = "auto"
     hidden: list = field(default_factory=lambda: [200, 200])
     steps: int | None = None
-    compare_every: int = 100
+    compare_every: int = 200
     lambda_up: float = 0.06
     f_up: float | None = None
     lambda_low: float = 100.0
