@@ -221,16 +221,23 @@ def _ddp_worker(rank, world, store, x, y, out_dir):
 
     from ztriton.train import SNN, spike_regulariser
 
+    import warnings
+
+    from ztriton.train import equal_shard
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     cfg = Config(grad="sparsegrad", delta=0.2, hidden=[30, 20]).resolved()  # sparsegrad: no random draws
     model = torch.nn.parallel.DistributedDataParallel(SNN(20, 3, cfg))
-    shard = torch.arange(x.shape[1]).tensor_split(world)[rank]
-    logits, spikes = model(x[:, shard])
-    loss = torch.nn.functional.cross_entropy(logits, y[shard]) + spike_regulariser(spikes, cfg)
-    loss.backward()
+    shard = equal_shard(torch.arange(x.shape[1]), world, rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits, spikes = model(x[:, shard])
+        loss = torch.nn.functional.cross_entropy(logits, y[shard]) + spike_regulariser(spikes, cfg)
+        loss.backward()
     if rank == 0:
         torch.save([p.grad for p in model.module.parameters()], out_dir / "ddp.pt")
+        (out_dir / "warnings.txt").write_text("\n".join(str(w.message) for w in caught))
     dist.barrier()  # no process may tear the group down while the other still uses it
     dist.destroy_process_group()
 
@@ -249,6 +256,7 @@ def test_ddp_gradients_match_single_process(tmp_path):
     (torch.nn.functional.cross_entropy(logits, y) + spike_regulariser(spikes, cfg)).backward()
     for a, b in zip(torch.load(tmp_path / "ddp.pt"), [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "warnings.txt").read_text() == ""  # no deprecation notes from the regulariser
     assert any(float(p.grad.abs().sum()) > 0 for p in model.hidden.parameters())
 
 
@@ -278,3 +286,22 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tonic.datasets, "SHD", offline)
     with pytest.raises(DataError, match="missing; place .* the download failed \\(no network\\)"):
         load_shd(tmp_path, 10, 2.0, download=True)
+
+
+def test_equal_shards_drop_the_same_remainder_everywhere():
+    from ztriton.train import equal_shard
+
+    index = torch.arange(11)
+    shards = [equal_shard(index, 3, rank) for rank in range(3)]
+    assert [s.tolist() for s in shards] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert equal_shard(index, 1, 0).tolist() == index.tolist()
+    assert equal_shard(torch.arange(2), 3, 1).numel() == 0  # fewer samples than processes: the loop skips
+
+
+def test_checkpoint_holds_every_process_rng_state(tmp_path, monkeypatch):
+    monkeypatch.setattr("ztriton.train.load_data", _tiny_data)
+    cfg = _small(lr=5e-3)
+    cfg.epochs = 1
+    train(cfg, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert isinstance(state["rng"], list) and len(state["rng"]) == 1 and set(state["rng"][0]) == {"cpu"}

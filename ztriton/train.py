@@ -134,15 +134,50 @@ class SNN(nn.Module):
         return logits, spikes
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; its gradient is the sum of the processes' gradients (as every process's
+    loss uses the sum)."""
+
+    @staticmethod
+    def forward(ctx, values):
+        out = values.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def _batch_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over dim 0 of the whole batch, across processes when running under torch.distributed."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return values.mean(0)
-    from torch.distributed.nn.functional import all_reduce  # differentiable
-
     count = torch.tensor([values.shape[0]], dtype=values.dtype, device=values.device)
     dist.all_reduce(count)
-    return all_reduce(values.sum(0)) / count
+    return _AllReduceSum.apply(values.sum(0)) / count
+
+
+def rng_states(device: torch.device) -> dict:
+    """This process's generator states: CPU, and the device's CUDA generator (LocalZO's draws there)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"].cpu())
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+def equal_shard(index: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """Process `rank`'s equal share of a batch; the remainder (< world samples) is dropped by every process."""
+    usable = index.numel() - index.numel() % world
+    return index[:usable].view(world, -1)[rank]
 
 
 def spike_regulariser(spikes, cfg: Config) -> torch.Tensor:
@@ -185,8 +220,11 @@ def _timed_step(model, x, y, cfg):
     return loss, logits, middle - start, time.perf_counter() - middle
 
 
-def compare_paths(model, x, y, cfg, rng_state) -> dict:
-    """Sparse vs dense backward on the same weights, batch and LocalZO draws (copies of the model)."""
+def compare_paths(model, x, y, cfg, states: dict) -> dict:
+    """Sparse vs dense backward on the same weights, batch and LocalZO draws (copies of the model).
+
+    Single-process runs only: under torchrun the copies' steps would need a process group of their own.
+    """
     timings = {}
     for path in ("sparse", "dense"):
         clone = copy.deepcopy(model)
@@ -194,11 +232,11 @@ def compare_paths(model, x, y, cfg, rng_state) -> dict:
             layer.path = path
         runs = []
         for _ in range(2):  # the second run is timed (the first warms buffers)
-            torch.set_rng_state(rng_state)
+            set_rng_states(states, x.device)
             _, _, fwd, bwd = _timed_step(clone, x, y, cfg)
             runs.append((fwd, bwd))
         timings[path] = runs[-1]
-    torch.set_rng_state(rng_state)  # the training step then draws the same z as the timed copies
+    set_rng_states(states, x.device)  # the training step then draws the same z as the timed copies
     (fs, bs), (fd, bd) = timings["sparse"], timings["dense"]
     return {"backward_speedup": bd / bs, "overall_speedup": (fd + bd) / (fs + bs)}
 
@@ -280,6 +318,8 @@ class Processes:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", local)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # every process's kernels on its own GPU
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
@@ -288,7 +328,15 @@ class Processes:
         return self.rank == 0
 
     def shard(self, index: torch.Tensor) -> torch.Tensor:
-        return index.tensor_split(self.world)[self.rank]
+        return equal_shard(index, self.world, self.rank)
+
+    def gather(self, obj) -> list:
+        """`obj` of every process, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return DistributedDataParallel(model) if self.world > 1 else model
@@ -381,7 +429,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             raise ValueError(f"{checkpoint_path} was written with another configuration; refusing to resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        if len(state["rng"]) != procs.world:
+            raise ValueError(f"{checkpoint_path} holds the RNG states of {len(state['rng'])} processes, "
+                             f"this run has {procs.world}; resume with as many processes")
+        set_rng_states(state["rng"][procs.rank], device)  # each process its own stream
         start_epoch, step_log, epoch_log = state["epoch"], state["steps"], state["epochs"]
         if procs.main:
             _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
@@ -397,10 +448,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     trained = procs.wrap(model)
 
     def checkpoint(epoch):
+        states = procs.gather(rng_states(device))  # every process's generators, in rank order
         if procs.main:
             _atomic_save(
                 {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": torch.get_rng_state(), "epoch": epoch, "steps": step_log, "epochs": epoch_log},
+                 "rng": states, "epoch": epoch, "steps": step_log, "epochs": epoch_log},
                 checkpoint_path,
             )
 
@@ -412,16 +464,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         for epoch in range(start_epoch, cfg.epochs):
             epoch_started = time.perf_counter()
             batches = torch.randperm(len(train_data), generator=shuffle).split(cfg.batch_size)
-            fwd_times, bwd_times, correct, loss_sum, data_s, compare_s = [], [], 0, 0.0, 0.0, 0.0
+            fwd_times, bwd_times, correct, loss_sum, data_s, compare_s, seen = [], [], 0, 0.0, 0.0, 0.0, 0
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and procs.main), leave=False)
             for index in bar:
+                if index.numel() < procs.world:
+                    continue  # too few samples to give every process one
                 started = time.perf_counter()
                 x, y = to_device(*train_data.batch(procs.shard(index)), device)
                 data_s += time.perf_counter() - started
                 record = {"step": len(step_log) + 1, "epoch": epoch + 1}
                 if cfg.compare_every and len(step_log) % cfg.compare_every == 0 and procs.world == 1:
                     started = time.perf_counter()
-                    record.update(compare_paths(model, x, y, cfg, torch.get_rng_state()))
+                    record.update(compare_paths(model, x, y, cfg, rng_states(device)))
                     compare_s += time.perf_counter() - started
                 loss, logits, fwd, bwd = _timed_step(trained, x, y, cfg)
                 optimizer.step()
@@ -429,6 +483,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 bwd_times.append(bwd)
                 loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
                 stats = [layer.stats for layer in model.hidden]
                 dense_ops, sparse_ops = backward_synops(model)
                 record.update(
@@ -441,13 +496,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 )
                 step_log.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", active=f"{100 * stats[-1]['active_fraction']:.2f}%")
-            loss_sum, correct = procs.sum(loss_sum, correct)
+            loss_sum, correct, seen = procs.sum(loss_sum, correct, seen)
             test_loss, test_acc = evaluate(model, test_data, cfg, device)
             epoch_steps = [s for s in step_log if s["epoch"] == epoch + 1]
             entry = {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum / len(train_data),
-                "train_accuracy": correct / len(train_data),
+                "train_loss": loss_sum / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
                 "test_loss": test_loss,
                 "test_accuracy": test_acc,
                 "active_fraction": [statistics.mean(s["active_fraction"][i] for s in epoch_steps) for i in range(len(cfg.hidden))],
