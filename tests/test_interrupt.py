@@ -111,3 +111,37 @@ def test_options_are_named_in_errors_and_documented(capsys):
     for fragment in ("--compare-every COMPARE_EVERY time the sparse against the dense path every K steps "
                      "(0: never) (default: 200)", "--seed SEED seed of initialisation, shuffling and z (default: 0)"):
         assert fragment in text
+
+
+def test_compare_writes_table_3(tmp_path, monkeypatch):
+    from ztriton.compare import compare
+
+    monkeypatch.setattr("ztriton.train.load_data", _tiny_data)
+    monkeypatch.setattr("ztriton.compare.load_data", _tiny_data)
+    out = tmp_path / "table"
+    cfg = _small(lr=5e-3)
+    cfg.epochs, cfg.compare_every = 1, 1
+    compare(cfg, 2, out)
+    table = json.loads((out / "table.json").read_text())
+    rows = {row["method"]: row for row in table["rows"]}
+    assert list(rows) == ["surrogate", "sparsegrad", "localzo"] and table["seeds"] == 2
+    assert rows["surrogate"]["backward_speedup"] == 1.0 and rows["surrogate"]["active_fraction"] > 0.5
+    for row in rows.values():
+        assert 0 <= row["test_accuracy_mean"] <= 1 and row["test_accuracy_std"] >= 0 and row["speedup_vs_bptt"] > 0
+    for method in ("sparsegrad", "localzo"):
+        assert rows[method]["active_fraction"] < 0.1 and rows[method]["backward_speedup"] > 0
+    run = json.loads((out / "sparsegrad-seed1" / "config.json").read_text())
+    assert run["grad"] == "sparsegrad" and run["seed"] == 1
+    assert run["bth"] == pytest.approx(0.1 * (2 / 3.141592653589793) ** 0.5)  # B_th of LocalZO's law and delta
+    assert "| localzo |" in (out / "table.md").read_text()
+
+
+def test_compare_on_the_command_line(tmp_path, monkeypatch, capsys):
+    def fake_compare(cfg, seeds, out, progress):
+        out.mkdir()
+        (out / "table.md").write_text(f"{cfg.dataset} {seeds} seeds {cfg.epochs} epochs\n")
+
+    monkeypatch.setattr("ztriton.compare.compare", fake_compare)
+    assert main(["compare", "--seeds", "3", "--epochs", "2", "--out", str(tmp_path / "t")]) == 0
+    assert capsys.readouterr().out.startswith("mnist5k 3 seeds 2 epochs\nwritten to ")
+    assert main(["compare", "--out", str(tmp_path / "t")]) == 2  # exists already

@@ -240,21 +240,36 @@ def test_scheduler_picks_sparse_at_low_and_dense_at_high_activity():
 
 def test_scheduler_reads_a_calibration_file(tmp_path, monkeypatch):
     path = tmp_path / "cal.json"
-    path.write_text('{"cpu": {"crossover": 0.42}}')
+    path.write_text('{"cpu/native": {"crossover": 0.42}}')
     monkeypatch.setenv("ZTRITON_CALIBRATION", str(path))
-    assert Scheduler().crossover("cpu") == (0.42, "calibrated")
+    assert Scheduler().crossover("cpu", "native") == (0.42, "calibrated")
+    assert Scheduler().crossover("cpu", "torch")[1] == "default"  # each backend has its own
     monkeypatch.setenv("ZTRITON_CALIBRATION", str(tmp_path / "missing.json"))
-    assert Scheduler().crossover("cpu")[1] == "default"
+    assert Scheduler().crossover("cpu", "native")[1] == "default"
 
 
 def test_calibration_finds_a_crossover(tmp_path, monkeypatch):
     monkeypatch.setenv("ZTRITON_CALIBRATION", str(tmp_path / "cal.json"))
     from ztriton.scheduler import calibrate
 
-    entry = calibrate("cpu", steps=20, batch=4, n_in=30, n_out=20, fractions=(0.01, 0.5), repeats=1)
-    assert 0 < entry["crossover"] <= 1.0
+    entry = calibrate("cpu", backend="torch", steps=20, batch=4, n_in=30, n_out=20, fractions=(0.01, 0.5), repeats=3)
+    assert 0 < entry["crossover"] <= 1.0 and entry["backend"] == "torch" and entry["repeats"] == 3
     assert len(entry["dense_s"]) == 2 and entry["fractions"][0] < entry["fractions"][1]
-    assert Scheduler().crossover("cpu") == (entry["crossover"], "calibrated")
+    assert all(spread >= 0 for spread in entry["dense_spread"] + entry["sparse_spread"])
+    assert Scheduler().crossover("cpu", "torch") == (entry["crossover"], "calibrated")
+
+
+def test_crossover_fit_is_monotone_and_interpolates():
+    from ztriton.scheduler import crossover_density, isotonic
+
+    assert isotonic([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert isotonic([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+    # sparse 4x faster at 0.1 %, equal at 1 %: the crossover is 1 %, whatever the order of the points
+    assert crossover_density([0.01, 0.001], [1.0, 1.0], [1.0, 0.25]) == pytest.approx(0.01)
+    # a noisy dip back below 0 after the crossing is pooled away: the crossing stays at the first rise
+    fractions = [0.001, 0.01, 0.1, 0.3]
+    assert crossover_density(fractions, [1, 1, 1, 1], [0.5, 2.0, 0.9, 3.0]) < 0.01
+    assert crossover_density([0.01], [1.0], [0.5]) == 1.0 and crossover_density([0.01], [1.0], [2.0]) == 0.01
 
 
 def test_no_grad_inference_keeps_nothing():

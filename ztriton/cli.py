@@ -1,4 +1,5 @@
-"""Command line: `ztriton train` (the paper's networks) and `ztriton calibrate` (the scheduler's crossover)."""
+"""Command line: `ztriton train` (the paper's networks), `ztriton compare` (its Table 3) and `ztriton calibrate`
+(the scheduler's crossover)."""
 
 from __future__ import annotations
 
@@ -84,13 +85,30 @@ def _train(args, given: dict[str, str]) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import compare
+
+    out = Path(args.out or f"runs/compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists():
+        raise DataError(f"--out {out} exists already; choose another folder (nothing was written)")
+    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed,
+                 backend=args.backend)
+    compare(cfg, args.seeds, out, progress=not args.no_progress)
+    print((out / "table.md").read_text(), end="")
+    print(f"written to {out / 'table.json'} and {out / 'table.md'}")
+    return 0
+
+
 def _calibrate(args) -> int:
     from .scheduler import calibrate, calibration_file
 
-    entry = calibrate(args.device, steps=args.steps, batch=args.batch)
-    for fraction, dense, sparse in zip(entry["fractions"], entry["dense_s"], entry["sparse_s"]):
-        print(f"active {100 * fraction:7.3f} %   dense {1e3 * dense:8.1f} ms   sparse {1e3 * sparse:8.1f} ms")
-    print(f"crossover {100 * entry['crossover']:.2f} % written to {calibration_file()}")
+    entry = calibrate(args.device, backend=args.backend, steps=args.steps, batch=args.batch, repeats=args.repeats)
+    rows = zip(entry["fractions"], entry["dense_s"], entry["dense_spread"], entry["sparse_s"], entry["sparse_spread"])
+    for fraction, dense, dense_iqr, sparse, sparse_iqr in rows:
+        print(f"active {100 * fraction:7.3f} %   dense {1e3 * dense:8.1f} ms (IQR {1e3 * dense_iqr:5.1f})"
+              f"   sparse {1e3 * sparse:8.1f} ms (IQR {1e3 * sparse_iqr:5.1f})")
+    print(f"crossover {100 * entry['crossover']:.2f} % ({entry['backend']} backend, medians of {entry['repeats']}) "
+          f"written to {calibration_file()}")
     return 0
 
 
@@ -128,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=None, help="epochs (None: 20)")
     t.add_argument("--batch-size", type=int, default=None, help="batch size (None: the dataset preset)")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate (None: the dataset preset)")
+    t.add_argument("--schedule", choices=["constant", "cosine"], default=None,
+                   help="learning-rate schedule over the run (None: the dataset preset)")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and z")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     t.add_argument("--backend", choices=["auto", "torch", "native", "triton"], default="auto",
@@ -140,17 +160,30 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (only --epochs may change)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k = sub.add_parser("compare", help="the paper's Table 3: surrogate, SparseGrad and LocalZO over seeds",
+                       formatter_class=formatter)
+    k.add_argument("--dataset", choices=sorted(PRESETS), default="mnist5k", help="data set (as in train)")
+    k.add_argument("--data-dir", default="data", help="folder holding the data sets' files")
+    k.add_argument("--seeds", type=int, default=5, help="seeds per method (--seed, --seed + 1, ...)")
+    k.add_argument("--seed", type=int, default=0, help="first seed")
+    k.add_argument("--epochs", type=int, default=20, help="epochs per run")
+    k.add_argument("--backend", choices=["auto", "torch", "native", "triton"], default="auto", help="kernels")
+    k.add_argument("--out", default=None, help="folder for the runs and the table (None: runs/compare-<dataset>-<time>)")
+    k.add_argument("--no-progress", action="store_true", help="no progress bars")
     c = sub.add_parser("calibrate", help="measure the dense/sparse crossover of this device for path='auto'",
                        formatter_class=formatter)
     c.add_argument("--device", default="cpu", help="torch device to calibrate")
     c.add_argument("--steps", type=int, default=100, help="time steps of the timed layer")
     c.add_argument("--batch", type=int, default=128, help="batch size of the timed layer")
+    c.add_argument("--backend", choices=["auto", "torch", "native", "triton"], default="auto",
+                   help="the kernels to calibrate")
+    c.add_argument("--repeats", type=int, default=7, help="timed backwards per path and activity")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return _train(args, _given_flags(t, argv))
-        return _calibrate(args)
+        return _compare(args) if args.command == "compare" else _calibrate(args)
     except (DataError, ValueError, TypeError) as err:
-        message = _name_the_option(str(err), t if args.command == "train" else c)
+        message = _name_the_option(str(err), {"train": t, "compare": k, "calibrate": c}[args.command])
         print(f"ztriton: error: {message}", file=sys.stderr)
         return 2

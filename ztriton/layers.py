@@ -134,9 +134,9 @@ class SparseLIFLinear(nn.Module):
         """Bytes of the working buffers cached on the layer between calls."""
         return self.workspace.nbytes
 
-    def path_policy(self) -> PathPolicy:
-        """The forced path, or the scheduler's crossover for this device (recorded in `stats`)."""
-        crossover, source = self.scheduler.crossover(self.weight.device)
+    def path_policy(self, backend: backends.Backend) -> PathPolicy:
+        """The forced path, or the scheduler's crossover for this device and backend (recorded in `stats`)."""
+        crossover, source = self.scheduler.crossover(self.weight.device, backend.name)
         self.stats.update(crossover=crossover, crossover_source=source)
         return PathPolicy(crossover, None if self.path == "auto" else self.path)
 
@@ -153,8 +153,9 @@ class SparseLIFLinear(nn.Module):
         )
         cfg = backends.LIFConfig(self.beta, self.threshold, self.rule)
         key = rng.next_key(self.generator, self.weight.device) if needs_grad and self.rule.grad == "localzo" else None
-        spikes, stats = LIFFunction.apply(x, self.weight, self.bias, cfg, self.path_policy(), needs_grad, key,
-                                          self.resolve_backend(), self.workspace)
+        backend = self.resolve_backend()
+        spikes, stats = LIFFunction.apply(x, self.weight, self.bias, cfg, self.path_policy(backend), needs_grad, key,
+                                          backend, self.workspace)
         self.stats.update(path=stats.path, active_fraction=stats.active_fraction, saved_bytes=stats.saved_bytes,
                           backend=stats.backend, grid=stats.grid)
         if stats.active is not None:

@@ -1,10 +1,12 @@
 """Dense-or-sparse path choice from the measured activity, with a calibrated crossover.
 
-`calibrate()` times the dense and the sparse backward of a SparseLIFLinear on the current device
-over a range of activities, and stores the activity where the sparse path stops being faster (the
-crossover) in a JSON file (`$ZTRITON_CALIBRATION`, default `~/.cache/ztriton/calibration.json`),
-one entry per device kind. `Scheduler.choose` takes the sparse path below the crossover. Where no
-calibration exists, DEFAULT_CROSSOVER is used.
+`calibrate()` times the dense and the sparse backward of a SparseLIFLinear on a device and
+backend over a range of activities -- each timing repeated, dense and sparse interleaved, medians
+kept with their spread -- fits log(sparse / dense) against log(activity) with a non-decreasing
+(isotonic) fit, and stores the activity where the fit crosses 0 (the crossover) in a JSON file
+(`$ZTRITON_CALIBRATION`, default `~/.cache/ztriton/calibration.json`), one entry per device and
+backend ("cpu/native", "cuda:<name>/triton", ...). `Scheduler.choose` takes the sparse path
+below the crossover; where no calibration exists, DEFAULT_CROSSOVER.
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ def calibration_file() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "ztriton" / "calibration.json"
 
 
-def device_key(device: torch.device | str) -> str:
-    """Calibration key of a device: "cpu", or "cuda:<device name>"."""
+def device_key(device: torch.device | str, backend: str) -> str:
+    """Calibration key of a device and backend: "cpu/native", "cuda:<device name>/triton", ..."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
+    name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+    return f"{name}/{backend}"
 
 
 class Scheduler:
@@ -51,11 +52,11 @@ class Scheduler:
         self._forced = None if crossover is None else positive_float("crossover", crossover)
         self._known: dict[str, tuple[float, str]] = {}
 
-    def crossover(self, device: torch.device | str) -> tuple[float, str]:
-        """(crossover, source) for `device`; source is "forced", "calibrated" or "default"."""
+    def crossover(self, device: torch.device | str, backend: str) -> tuple[float, str]:
+        """(crossover, source) for `device` and `backend`; source is "forced", "calibrated" or "default"."""
         if self._forced is not None:
             return self._forced, "forced"
-        key = device_key(device)
+        key = device_key(device, backend)
         if key not in self._known:
             value, source = DEFAULT_CROSSOVER, "default"
             path = calibration_file()
@@ -73,41 +74,42 @@ class Scheduler:
         """Drop the crossovers read so far (the next choice reads the calibration file again)."""
         self._known.clear()
 
-    def choose(self, active_fraction: float, device: torch.device | str) -> str:
-        return "sparse" if active_fraction < self.crossover(device)[0] else "dense"
+    def choose(self, active_fraction: float, device: torch.device | str, backend: str) -> str:
+        return "sparse" if active_fraction < self.crossover(device, backend)[0] else "dense"
 
 
 DEFAULT_SCHEDULER = Scheduler()
 
 
-def _time_backward(layer, x, grad, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):
-        layer.weight.grad = None
-        spikes = layer(x)
-        start = time.perf_counter()
-        spikes.backward(grad)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def _time_backward(layer, x, grad) -> float:
+    """Seconds of one backward of `layer` on `x` (a fresh forward before it, untimed)."""
+    layer.weight.grad = None
+    spikes = layer(x)
+    start = time.perf_counter()
+    spikes.backward(grad)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - start
 
 
 def calibrate(
     device: torch.device | str = "cpu",
     *,
+    backend: str = "auto",
     steps: int = 100,
     batch: int = 128,
     n_in: int = 200,
     n_out: int = 200,
     fractions: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
-    repeats: int = 3,
+    repeats: int = 7,
     save: bool = True,
 ) -> dict:
     """Time the dense and sparse backward over `fractions` of active entries; store the crossover.
 
-    The activity is set through SparseGrad's B_th (quantiles of |v| of a fixed input). Returns the entry
-    written: {"crossover", "fractions", "dense_s", "sparse_s", "shape"}.
+    The activity is set through SparseGrad's B_th (quantiles of |v| of a fixed input). Each
+    activity gets one warm-up and `repeats` timed backwards per path, dense and sparse alternating.
+    Returns the entry written: {"crossover", "fractions", "dense_s", "sparse_s", "dense_spread",
+    "sparse_spread" (interquartile ranges), "shape", "repeats", "backend"}.
     """
     from .layers import SparseLIFLinear  # the layer is what is being timed
     from .backends.torch_backend import lif_recurrence
@@ -116,36 +118,36 @@ def calibrate(
     gen = torch.Generator(device=device).manual_seed(0)
     x = (torch.rand(steps, batch, n_in, generator=gen, device=device) < 0.05).float()
     grad = torch.randn(steps, batch, n_out, generator=gen, device=device)
-    measured, dense_s, sparse_s = [], [], []
-    probe = SparseLIFLinear(n_in, n_out, beta=math.exp(-0.2), grad="sparsegrad").to(device)
+    probe = SparseLIFLinear(n_in, n_out, beta=math.exp(-0.2), grad="sparsegrad", backend=backend).to(device)
+    backend_name = probe.resolve_backend().name
     with torch.no_grad():  # the membrane distance |v| of this input, to set B_th for each activity
         current = torch.matmul(x, probe.weight.t())
         v = lif_recurrence(current, torch.empty_like(current), probe.beta, probe.threshold)
         levels = torch.quantile(v.abs().flatten()[:1_000_000].float(), torch.tensor(fractions, device=device))
+    entry = {key: [] for key in ("fractions", "dense_s", "sparse_s", "dense_spread", "sparse_spread")}
     for bth in levels.tolist():
-        timings = {}
+        layers = {}
         for path in ("dense", "sparse"):
-            layer = SparseLIFLinear(n_in, n_out, beta=probe.beta, grad="sparsegrad", bth=max(bth, 1e-6), path=path)
-            layer = layer.to(device)
-            layer.load_state_dict(probe.state_dict())
-            timings[path] = _time_backward(layer, x, grad, repeats)
-            actual = layer.stats["active_fraction"]
-        measured.append(actual)
-        dense_s.append(timings["dense"])
-        sparse_s.append(timings["sparse"])
-    crossover = crossover_density(measured, dense_s, sparse_s)
-    entry = {
-        "crossover": crossover,
-        "fractions": measured,
-        "dense_s": dense_s,
-        "sparse_s": sparse_s,
-        "shape": [steps, batch, n_in, n_out],
-    }
+            layers[path] = SparseLIFLinear(n_in, n_out, beta=probe.beta, grad="sparsegrad", bth=max(bth, 1e-6),
+                                           path=path, backend=backend).to(device)
+            layers[path].load_state_dict(probe.state_dict())
+            _time_backward(layers[path], x, grad)  # warm-up
+        times = {"dense": [], "sparse": []}
+        for _ in range(repeats):
+            for path in ("dense", "sparse"):
+                times[path].append(_time_backward(layers[path], x, grad))
+        entry["fractions"].append(layers["sparse"].stats["active_fraction"])
+        for path in ("dense", "sparse"):
+            quartiles = statistics.quantiles(times[path], n=4) if repeats > 1 else [times[path][0]] * 3
+            entry[f"{path}_s"].append(statistics.median(times[path]))
+            entry[f"{path}_spread"].append(quartiles[2] - quartiles[0])
+    entry["crossover"] = crossover_density(entry["fractions"], entry["dense_s"], entry["sparse_s"])
+    entry.update(shape=[steps, batch, n_in, n_out], repeats=repeats, backend=backend_name)
     if save:
         path = calibration_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         table = json.loads(path.read_text()) if path.exists() else {}
-        table[device_key(device)] = entry
+        table[device_key(device, backend_name)] = entry
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table, indent=2))
         tmp.replace(path)
@@ -153,17 +155,32 @@ def calibrate(
     return entry
 
 
+def isotonic(values: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to `values` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m2, c2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2]
+    return [mean for mean, count in blocks for _ in range(count)]
+
+
 def crossover_density(fractions, dense_s, sparse_s) -> float:
-    """Activity where sparse time meets dense time (log-linear interpolation between measurements)."""
+    """Activity where the isotonic fit of log(sparse / dense) over log(activity) crosses 0.
+
+    The sparse path's cost relative to the dense one can only grow with the activity, so noise
+    that breaks that order is pooled away before interpolating (log-linearly) between measurements.
+    Below every measurement: the smallest activity; above: 1.
+    """
     pairs = sorted(zip(fractions, dense_s, sparse_s))
-    previous = None
-    for fraction, dense, sparse in pairs:
-        if sparse >= dense:
-            if previous is None:
-                return fraction
-            f0, d0, s0 = previous
-            r0, r1 = math.log(s0 / d0), math.log(sparse / dense)
+    logs = [math.log(max(f, 1e-12)) for f, _, _ in pairs]
+    fitted = isotonic([math.log(s / d) for _, d, s in pairs])
+    if fitted[0] >= 0:
+        return pairs[0][0]
+    for i in range(1, len(pairs)):
+        if fitted[i] >= 0:
+            r0, r1 = fitted[i - 1], fitted[i]
             w = r0 / (r0 - r1) if r0 != r1 else 1.0
-            return math.exp(math.log(f0) + w * (math.log(fraction) - math.log(f0)))
-        previous = (fraction, dense, sparse)
+            return math.exp(logs[i - 1] + w * (logs[i] - logs[i - 1]))
     return 1.0

@@ -45,6 +45,17 @@ PRESETS = {
 }
 
 
+#: learning-rate schedules over the whole run: constant, or cosine decay to 0 (per step)
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, total_steps: int):
+    """The learning-rate factor per optimizer step: 1, or a cosine decay from 1 to 0 over the run."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
 @dataclass
 class Config:
     dataset: str = "mnist5k"
@@ -59,6 +70,7 @@ class Config:
     epochs: int = 20
     batch_size: int | None = None
     lr: float | None = None
+    schedule: str | None = None
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
@@ -80,6 +92,9 @@ class Config:
         out.steps = preset["steps"] if self.steps is None else self.steps
         out.batch_size = preset["batch_size"] if self.batch_size is None else self.batch_size
         out.delta = preset["delta"] if self.delta is None else self.delta
+        out.schedule = preset.get("schedule", "constant") if self.schedule is None else self.schedule
+        if out.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {out.schedule!r}")
         out.f_up = preset.get("f_up", 1.0) if self.f_up is None else self.f_up
         for name in ("epochs", "batch_size", "steps"):
             positive_int(name, getattr(out, name))
@@ -418,6 +433,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     torch.manual_seed(cfg.seed)
     model = SNN(train_data.inputs, train_data.classes, cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    total_steps = cfg.epochs * math.ceil(len(train_data) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, total_steps))
     start_epoch, step_log, epoch_log = 0, [], []
     checkpoint_path = run_dir / "checkpoint.pt"
     if resume:
@@ -429,6 +446,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             raise ValueError(f"{checkpoint_path} was written with another configuration; refusing to resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         if len(state["rng"]) != procs.world:
             raise ValueError(f"{checkpoint_path} holds the RNG states of {len(state['rng'])} processes, "
                              f"this run has {procs.world}; resume with as many processes")
@@ -452,6 +470,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         if procs.main:
             _atomic_save(
                 {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(),
                  "rng": states, "epoch": epoch, "steps": step_log, "epochs": epoch_log},
                 checkpoint_path,
             )
@@ -479,6 +498,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                     compare_s += time.perf_counter() - started
                 loss, logits, fwd, bwd = _timed_step(trained, x, y, cfg)
                 optimizer.step()
+                scheduler.step()
                 fwd_times.append(fwd)
                 bwd_times.append(bwd)
                 loss_sum += float(loss.detach()) * len(y)
