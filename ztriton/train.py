@@ -74,6 +74,8 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
+    init: str = "paper"
+    init_gains: list | None = None
     hidden: list = field(default_factory=lambda: [200, 200])
     steps: int | None = None
     compare_every: int = 200
@@ -93,6 +95,8 @@ class Config:
         out.batch_size = preset["batch_size"] if self.batch_size is None else self.batch_size
         out.delta = preset["delta"] if self.delta is None else self.delta
         out.schedule = preset.get("schedule", "constant") if self.schedule is None else self.schedule
+        if out.init not in ("auto", "paper"):
+            raise ValueError(f"init must be 'auto' or 'paper', got {out.init!r}")
         if out.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {out.schedule!r}")
         out.f_up = preset.get("f_up", 1.0) if self.f_up is None else self.f_up
@@ -131,7 +135,7 @@ class SNN(nn.Module):
         self.reduce = preset["readout"]
         for layer in list(self.hidden) + [self.readout]:
             fan_in = layer.weight.shape[1]
-            gain = preset["init_gain"] if layer is not self.readout else 1.0
+            gain = preset["init_gain"] if layer is not self.readout and cfg.init == "paper" else 1.0
             with torch.no_grad():
                 if preset["init"] == "normal":  # N(0, 10 (1 - beta) / sqrt(fan_in))
                     layer.weight.normal_(0.0, gain * 10.0 * (1.0 - preset["beta"]) / math.sqrt(fan_in))
@@ -432,6 +436,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     train_data, test_data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = SNN(train_data.inputs, train_data.classes, cfg).to(device)
+    if cfg.init == "auto" and not resume:  # gains measured on one batch (inference only: no RNG use)
+        from .init import scale_to_activity
+
+        first = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.batch_size]
+        cfg.init_gains = scale_to_activity(model.hidden, to_device(*train_data.batch(first), device)[0])
+        if procs.main:
+            print("init auto: hidden-layer gains " + ", ".join(f"{g:.3g}" for g in cfg.init_gains))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     total_steps = cfg.epochs * math.ceil(len(train_data) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, total_steps))
