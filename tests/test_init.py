@@ -82,7 +82,7 @@ def test_auto_init_learns_where_the_paper_init_stays_at_chance(tmp_path, monkeyp
 
 @pytest.mark.parametrize("dataset", ["fmnist", "nmnist", "shd", "mnist5k"])
 def test_paper_init_is_the_presets_formula(dataset):
-    cfg = Config(dataset=dataset, hidden=[64, 48]).resolved()
+    cfg = Config(dataset=dataset, hidden=[64, 48], init="paper").resolved()
     preset = PRESETS[dataset]
     torch.manual_seed(0)
     model = SNN(700, 10, cfg)

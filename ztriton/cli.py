@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=None, help="epochs (None: 20)")
     t.add_argument("--batch-size", type=int, default=None, help="batch size (None: the dataset preset)")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate (None: the dataset preset)")
-    t.add_argument("--init", choices=["auto", "paper"], default="paper",
+    t.add_argument("--init", choices=["auto", "paper"], default="auto",
                    help="hidden weights: the preset's init (paper), or scaled on one batch to fire at 0.5-2 %% (auto)")
     t.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                    help="learning-rate schedule over the run (None: the dataset preset)")

@@ -27,6 +27,9 @@ from .layers import SparseLIFLinear
 BAND = (0.005, 0.02)
 #: the gains searched lie in [1 / GAIN_LIMIT, GAIN_LIMIT]
 GAIN_LIMIT = 1e4
+#: the search aims at the band's geometric centre and stops within this factor of it (or at
+#: max_steps, accepting any rate inside the band)
+CLOSE = 1.2
 
 
 def _firing_rate(layer: SparseLIFLinear, base: torch.Tensor, gain: float, x: torch.Tensor) -> float:
@@ -40,7 +43,7 @@ def scale_to_activity(layers: Sequence[SparseLIFLinear], x: torch.Tensor, band: 
 
     `layers` are applied in order (a stack: each takes the previous one's spikes; `x` feeds the
     first). Inference forwards only (no LocalZO draw, the RNG is untouched), at most `max_steps`
-    per layer: deterministic for a given batch. Returns the gains. Raises ValueError where no gain
+    per layer, aiming at the band's geometric centre: deterministic for a given batch. Returns the gains. Raises ValueError where no gain
     in [1e-4, 1e4] can do it, e.g. for an empty or all-zero batch.
     """
     layers = list(layers)
@@ -64,7 +67,7 @@ def scale_to_activity(layers: Sequence[SparseLIFLinear], x: torch.Tensor, band: 
             lo, hi = math.log(1.0 / GAIN_LIMIT), math.log(GAIN_LIMIT)  # bracket of log gain
             log_gain, rate = 0.0, _firing_rate(layer, base, 1.0, h)
             for _ in range(max_steps):
-                if low <= rate <= high:
+                if low <= rate <= high and abs(math.log(max(rate, 1e-12) / target)) <= math.log(CLOSE):
                     break
                 if rate < target:
                     lo = log_gain

@@ -74,7 +74,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
-    init: str = "paper"
+    init: str = "auto"
     init_gains: list | None = None
     hidden: list = field(default_factory=lambda: [200, 200])
     steps: int | None = None
@@ -450,7 +450,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     checkpoint_path = run_dir / "checkpoint.pt"
     if resume:
         state = torch.load(checkpoint_path, weights_only=False, map_location=device)
-        ignore = {"epochs"}  # a resumed run may go on for more epochs
+        ignore = {"epochs", "init_gains"}  # a resumed run may go on longer; its gains are the checkpoint's
         if {k: v for k, v in state["config"].items() if k not in ignore} != {
             k: v for k, v in asdict(cfg).items() if k not in ignore
         }:
@@ -458,6 +458,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        cfg.init_gains = state["config"].get("init_gains")
         if len(state["rng"]) != procs.world:
             raise ValueError(f"{checkpoint_path} holds the RNG states of {len(state['rng'])} processes, "
                              f"this run has {procs.world}; resume with as many processes")
