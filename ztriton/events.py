@@ -49,14 +49,18 @@ def spike_batch(t: np.ndarray, b: np.ndarray, n: np.ndarray, shape: tuple[int, i
                                    is_coalesced=True, check_invariants=False)
 
 
+def row_pointer(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """CSR pointer over `count` rows for sorted row numbers (entries of row r: [ptr[r], ptr[r + 1]))."""
+    ptr = torch.zeros(count + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=count), 0, out=ptr[1:])
+    return ptr
+
+
 def _from_sparse(x: torch.Tensor) -> Events:
     x = x if x.is_coalesced() else x.coalesce()
     indices = x._indices()
     steps, batch, _ = x.shape
-    rows = indices[0] * batch + indices[1]
-    row_ptr = torch.zeros(steps * batch + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(torch.bincount(rows, minlength=steps * batch), 0, out=row_ptr[1:])
-    return Events(row_ptr, indices[2].contiguous(), x._values())
+    return Events(row_pointer(indices[0] * batch + indices[1], steps * batch), indices[2].contiguous(), x._values())
 
 
 def _from_dense(x: torch.Tensor) -> Events:
@@ -66,9 +70,7 @@ def _from_dense(x: torch.Tensor) -> Events:
     if native.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return Events(*native.scan_rows(flat))
     rows, cols = torch.nonzero(flat, as_tuple=True)
-    row_ptr = torch.zeros(flat.shape[0] + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(torch.bincount(rows, minlength=flat.shape[0]), 0, out=row_ptr[1:])
-    return Events(row_ptr, cols, flat[rows, cols])
+    return Events(row_pointer(rows, flat.shape[0]), cols, flat[rows, cols])
 
 
 def cache_events(x: torch.Tensor, events: Events) -> None:

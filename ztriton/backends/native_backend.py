@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import native
-from ..events import Events, cache_events, dense, events_of
+from ..events import Events, cache_events, dense, events_of, row_pointer
 from ..distributions import FastSigmoid, Laplace, Normal, Uniform
 from ..functional import candidate_threshold
 from ..rng import PhiloxKey
@@ -33,6 +33,10 @@ def _numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
 
+def _row_pointer(rows: torch.Tensor, count: int) -> np.ndarray:
+    return row_pointer(rows, count).numpy()
+
+
 def _np_dtype(dtype: torch.dtype):
     return np.float64 if dtype == torch.float64 else np.float32
 
@@ -40,13 +44,6 @@ def _np_dtype(dtype: torch.dtype):
 def _scalar(value: float, dtype: torch.dtype):
     """A scalar in the arrays' precision, so the kernels compute in it (no silent float64 promotion)."""
     return _np_dtype(dtype)(value)
-
-
-def _row_ptr(rows: torch.Tensor, count: int) -> np.ndarray:
-    """CSR pointer over `count` rows for sorted row numbers."""
-    row_ptr = np.zeros(count + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows.numpy(), minlength=count), out=row_ptr[1:])
-    return row_ptr
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -175,7 +172,7 @@ def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, workspace: 
     steps, batch, _ = active.shape
     dtype = ds.dtype
     events = events_of(x)
-    act_ptr = _row_ptr(active.rows, steps * batch)
+    act_ptr = _row_pointer(active.rows, steps * batch)
     blocks = native.block_ranges(batch)
     out = np.zeros((len(blocks),) + tuple(weight_shape), dtype=_np_dtype(dtype))
     args = (steps, batch, _scalar(beta, dtype), events.row_ptr.numpy(), events.cols.numpy(), _numpy(events.values, dtype),
@@ -190,9 +187,9 @@ def input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet, w
     steps, batch, _ = active.shape
     dtype = ds.dtype
     out = np.empty(targets.nnz, dtype=_np_dtype(dtype))
-    native.run_kernel(native._input_grad_rows, batch, steps, batch, _scalar(beta, dtype), _row_ptr(active.rows, steps * batch),
+    native.run_kernel(native._input_grad_rows, batch, steps, batch, _scalar(beta, dtype), _row_pointer(active.rows, steps * batch),
                       active.neurons.numpy(), _numpy(ds, dtype), _numpy(weight.t(), dtype),
-                      _row_ptr(targets.rows, steps * batch), targets.neurons.numpy(), out)
+                      _row_pointer(targets.rows, steps * batch), targets.neurons.numpy(), out)
     return torch.from_numpy(out)
 
 

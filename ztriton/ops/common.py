@@ -25,8 +25,3 @@ def input_grad_from_filtered(filtered: torch.Tensor, weight: torch.Tensor, x: to
         return sparse_grad(producer, backend.input_grad_at(filtered, weight, producer, workspace), x.dtype)
     flat = filtered.reshape(-1, filtered.shape[2])
     return flat.matmul(weight.to(compute_dtype(weight.dtype))).view(x.shape).to(x.dtype)
-
-
-def dense_incoming(grad: torch.Tensor) -> torch.Tensor:
-    """A strided view of an incoming gradient (a sparse one is densified)."""
-    return grad.to_dense() if grad.is_sparse else grad

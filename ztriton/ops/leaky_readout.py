@@ -7,7 +7,7 @@ import torch
 from ..backends import Backend, Workspace, compute_dtype
 from ..events import dense
 from ..sparse import producer_of
-from .common import dense_incoming, input_grad_from_filtered, refuse_double_backward
+from .common import input_grad_from_filtered, refuse_double_backward
 
 
 class LeakyReadoutFunction(torch.autograd.Function):
@@ -34,7 +34,7 @@ class LeakyReadoutFunction(torch.autograd.Function):
         refuse_double_backward("LeakyReadout")
         spikes, weight = ctx.saved_tensors
         dtype = compute_dtype(weight.dtype)
-        grad = dense_incoming(grad_out).to(dtype, copy=True)
+        grad = dense(grad_out).to(dtype, copy=True)
         filtered = ctx.backend.time_filter(grad, ctx.beta, reverse=True).mul_(1.0 - ctx.beta)
         flat = filtered.view(-1, filtered.shape[2])
         grad_w = flat.t().matmul(dense(spikes).reshape(-1, spikes.shape[2]).to(dtype)).to(weight.dtype)

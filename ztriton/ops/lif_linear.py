@@ -21,7 +21,7 @@ from ..backends import Backend, LIFConfig, Workspace, compute_dtype
 from ..events import dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
-from .common import dense_incoming, input_grad_from_filtered, refuse_double_backward
+from .common import input_grad_from_filtered, refuse_double_backward
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class LIFFunction(torch.autograd.Function):
 
 def _dense_backward(ctx, grad_spikes, x, weight, g, dtype):
     """GEMMs over the whole grid: D = reverse filter of grad_s * g, dW = D^T x, dx = D W."""
-    ds = dense_incoming(grad_spikes).to(dtype) * g
+    ds = dense(grad_spikes).to(dtype) * g
     filtered = ctx.backend.time_filter(ds, ctx.cfg.beta, reverse=True)
     flat = filtered.view(-1, filtered.shape[2])
     grad_w = flat.t().matmul(dense(x).reshape(-1, x.shape[2]).to(dtype))
