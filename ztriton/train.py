@@ -216,7 +216,7 @@ def spike_regulariser(spikes, cfg: Config) -> torch.Tensor:
 def load_data(cfg: Config):
     """(train, test) datasets of the configured dataset."""
     if cfg.dataset == "mnist5k":
-        return load_mnist5k(cfg.steps, cfg.seed)
+        return load_mnist5k(cfg.steps)
     if cfg.dataset == "fmnist":
         return load_fmnist(Path(cfg.data_dir), cfg.steps)
     dt_ms = PRESETS[cfg.dataset]["dt_ms"]
