@@ -1,10 +1,17 @@
-"""Fused LIF + LocalZO forward: one Triton kernel over neurons with the time loop inside.
+"""Fused LIF forward: one Triton kernel over neurons with the time loop inside, for every grad mode.
 
 Each program owns BLOCK columns of the flattened (B * N) neuron grid and keeps their membrane in
-registers while it walks t = 0..T-1: it reads the input current I[t], applies eq. 1 (tracking
-v = u - u_th: v[t] = beta v[t-1] + I[t] - u_th (1 - beta) - u_th s[t-1], v[-1] = -u_th), writes the
-spike, draws the m samples |z| in-kernel and writes g of eq. 7,
-c/m sum_k 1[|v| < delta |z_k|] |z_k|^alpha / (2 delta). Nothing of size m x T x B x N exists.
+registers while it walks t = 0..T-1: it reads the input current I[t] (+ bias), applies eq. 1
+(tracking v = u - u_th: v[t] = beta v[t-1] + I[t] - u_th (1 - beta) - u_th s[t-1], v[-1] = -u_th)
+and writes the spike. Beside the spikes it keeps, by `MODE`:
+- LOCALZO: draws the m samples |z| in-kernel and keeps g of eq. 7,
+  c/m sum_k 1[|v| < delta |z_k|] |z_k|^alpha / (2 delta), where g != 0: nothing of size
+  m x T x B x N exists and no dense g either;
+- SPARSEGRAD: |v| where |v| < B_th (the surrogate is applied to this compact set afterwards);
+- MEMBRANE: v densely (the surrogate rule's dense g is formed from it);
+- SPIKES: nothing (inference).
+The kept entries form the compact active set (flat index, value), appended through one atomic
+counter and sorted by flat index afterwards (see `lif_forward`).
 
 The draws follow ztriton's RNG contract (`ztriton.rng`): Philox4x32-10 keyed by `seed`, counter
 (index lo, index hi, offset, k) with `index` the entry's flat position in (T, B, N), the first two
@@ -16,14 +23,19 @@ by binary search in their CDF table, each the same float32 expression as the tor
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.random import philox, uint_to_uniform_float
 
+from .time_filter import column_block
+
 #: the `dist` codes of the launchers
 NORMAL, UNIFORM, LAPLACE, FAST_SIGMOID, TABLE = 0, 1, 2, 3, 4
+#: the forward's modes: what it keeps beside the spikes (see `lif_forward`)
+LOCALZO, SPARSEGRAD, MEMBRANE, SPIKES = 0, 1, 2, 3
 
 
 @triton.jit
@@ -69,35 +81,52 @@ def _abs_z(u1, u2, DIST: tl.constexpr, dist_param, cdf_ptr, abs_z_ptr, TABLE_SIZ
 
 
 @triton.jit
-def lif_localzo_forward_kernel(
-    current_ptr, spikes_ptr, grad_ptr, cdf_ptr, abs_z_ptr,
-    n_cols, steps, beta, threshold, leak, delta, scale, seed, offset, dist_param,
-    M: tl.constexpr, DIST: tl.constexpr, ALPHA: tl.constexpr, TABLE_SIZE: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr,
+def lif_forward_kernel(
+    current_ptr, bias_ptr, spikes_ptr, index_ptr, value_ptr, count_ptr, membrane_ptr, cdf_ptr, abs_z_ptr,
+    n_cols, n_out, steps, beta, threshold, leak, delta, scale, bth, capacity, seed, offset, dist_param,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, M: tl.constexpr, DIST: tl.constexpr, ALPHA: tl.constexpr,
+    TABLE_SIZE: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = cols < n_cols
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols % n_out, mask=mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK], tl.float32)
     v = tl.zeros([BLOCK], tl.float32) - threshold
     s = tl.zeros([BLOCK], tl.float32)
-    row = tl.zeros([BLOCK], tl.int64)  # t as int64: flat positions may pass 2^31
     for t in range(steps):
-        index = (row + t) * n_cols + cols
-        i_t = tl.load(current_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        index = (tl.zeros_like(cols) + t) * n_cols + cols  # int64: flat positions may pass 2^31
+        i_t = tl.load(current_ptr + index, mask=mask, other=0.0).to(tl.float32) + bias
         v = (i_t - leak) + beta * v - threshold * s
         s = (v > 0).to(tl.float32)
         tl.store(spikes_ptr + index, s, mask=mask)
-        abs_v = tl.abs(v)
-        acc = tl.zeros([BLOCK], tl.float32)
-        for k in tl.static_range(M):
-            u1, u2 = _contract_uniforms(seed, index, offset, k)
-            z = _abs_z(u1, u2, DIST, dist_param, cdf_ptr, abs_z_ptr, TABLE_SIZE, SEARCH_STEPS)
-            if ALPHA == 1:
-                weight = z
+        if MODE == 2:
+            tl.store(membrane_ptr + index, v, mask=mask)
+        if MODE < 2:
+            abs_v = tl.abs(v)
+            if MODE == 0:
+                acc = tl.zeros([BLOCK], tl.float32)
+                for k in tl.static_range(M):
+                    u1, u2 = _contract_uniforms(seed, index, offset, k)
+                    z = _abs_z(u1, u2, DIST, dist_param, cdf_ptr, abs_z_ptr, TABLE_SIZE, SEARCH_STEPS)
+                    if ALPHA == 1:
+                        weight = z
+                    else:
+                        weight = 1.0 / z
+                    acc += tl.where(abs_v < delta * z, weight, 0.0)
+                keep = mask & (acc > 0)
+                value = acc * scale
             else:
-                weight = 1.0 / z
-            acc += tl.where(abs_v < delta * z, weight, 0.0)
-        tl.store(grad_ptr + index, acc * scale, mask=mask)
+                keep = mask & (abs_v < bth)
+                value = abs_v
+            found = tl.sum(keep.to(tl.int32), axis=0)
+            if found > 0:  # append to the compact set: one atomic per program and step
+                base = tl.atomic_add(count_ptr, found.to(tl.int64))
+                position = base + tl.cumsum(keep.to(tl.int32), axis=0).to(tl.int64) - 1
+                room = keep & (position < capacity)
+                tl.store(index_ptr + position, index, mask=room)
+                tl.store(value_ptr + position, value, mask=room)
 
 
 @triton.jit
@@ -122,28 +151,62 @@ def _tables(cdf, abs_z, device):
     return cdf.contiguous(), abs_z.contiguous()
 
 
-def lif_localzo_forward(current, beta, threshold, delta, m, seed, offset, *, dist, dist_param=0.0, alpha=1,
-                        c=1.0, cdf=None, abs_z=None, block=256):
-    """Launch the fused kernel on `current` (T, B, N): returns (spikes, g), both float32 (T, B, N).
+class KernelOutput(NamedTuple):
+    """What `lif_forward` returns: spikes; the compact set (flat `index` sorted, `values`) for
+    LOCALZO (g) and SPARSEGRAD (|v|); the dense membrane v = u - u_th for MEMBRANE."""
 
-    `dist` is one of the codes NORMAL .. TABLE; `dist_param` is k * delta for FAST_SIGMOID; `cdf` and
-    `abs_z` are the float32 tables of a TABLE law; `alpha` (1 or -1) and `c` are the law's eq. 7 terms.
+    spikes: torch.Tensor
+    index: torch.Tensor | None
+    values: torch.Tensor | None
+    membrane: torch.Tensor | None
+
+
+def lif_forward(current, beta, threshold, *, mode=LOCALZO, bias=None, spike_dtype=torch.float32, delta=1.0, m=1,
+                seed=0, offset=0, bth=0.0, dist=NORMAL, dist_param=0.0, alpha=1, c=1.0, cdf=None, abs_z=None,
+                capacity=None, block=None) -> KernelOutput:
+    """Launch the fused kernel on `current` (T, B, N) (+ `bias` (N,)): eq. 1, spikes in `spike_dtype`.
+
+    `mode`: LOCALZO (g of eq. 7 with m draws by the RNG contract), SPARSEGRAD (|v| where |v| < bth),
+    MEMBRANE (dense v for the surrogate rule) or SPIKES (inference). `dist` is one of the codes
+    NORMAL .. TABLE; `dist_param` is k * delta for FAST_SIGMOID; `cdf`, `abs_z` the float32 tables of
+    a TABLE law; `alpha` (1 or -1) and `c` are the law's eq. 7 terms.
+
+    Compact set: programs append the entries they keep to one buffer of `capacity` entries (default
+    T B N / 16) through an atomic counter, then the set is sorted by flat index, so its order does not
+    depend on scheduling. Reading the count is the one host sync; if it exceeds the capacity the
+    kernel runs again with exactly that capacity (same key, same draws, same result).
     """
-    steps = current.shape[0]
-    n_cols = current[0].numel()
+    steps, device = current.shape[0], current.device
+    n_cols = current[0].numel() if steps else 0
+    n_out = current.shape[-1]
     current = current.contiguous()
-    spikes = torch.empty(current.shape, dtype=torch.float32, device=current.device)
-    grad = torch.empty_like(spikes)
-    cdf, abs_z = _tables(cdf, abs_z, current.device)
-    if n_cols:
-        lif_localzo_forward_kernel[(triton.cdiv(n_cols, block),)](
-            current, spikes, grad, cdf, abs_z,
-            n_cols, steps, float(beta), float(threshold), float(threshold * (1.0 - beta)), float(delta),
-            float(c / (2.0 * delta * m)), int(seed), int(offset) & 0xFFFFFFFF, float(dist_param),
-            M=m, DIST=dist, ALPHA=1 if alpha == 1 else -1, TABLE_SIZE=cdf.numel(),
-            SEARCH_STEPS=_search_steps(cdf.numel()), BLOCK=block,
-        )
-    return spikes, grad
+    spikes = torch.empty(current.shape, dtype=spike_dtype, device=device)
+    compact = mode in (LOCALZO, SPARSEGRAD)
+    membrane = torch.empty(current.shape, dtype=torch.float32, device=device) if mode == MEMBRANE else spikes
+    cdf, abs_z = _tables(cdf, abs_z, device)
+    capacity = max(1, min(current.numel(), capacity or current.numel() // 16))
+    block = block or column_block(n_cols, device)
+    while True:
+        count = torch.zeros(1, dtype=torch.int64, device=device)
+        index = torch.empty(capacity if compact else 1, dtype=torch.int64, device=device)
+        values = torch.empty(index.shape, dtype=torch.float32, device=device)
+        if n_cols:
+            lif_forward_kernel[(triton.cdiv(n_cols, block),)](
+                current, bias if bias is not None else spikes, spikes, index, values, count, membrane, cdf, abs_z,
+                n_cols, n_out, steps, float(beta), float(threshold), float(threshold * (1.0 - beta)), float(delta),
+                float(c / (2.0 * delta * m)), float(bth), capacity, int(seed), int(offset) & 0xFFFFFFFF,
+                float(dist_param), MODE=mode, HAS_BIAS=bias is not None, M=m, DIST=dist,
+                ALPHA=1 if alpha == 1 else -1, TABLE_SIZE=cdf.numel(), SEARCH_STEPS=_search_steps(cdf.numel()),
+                BLOCK=block,
+            )
+        if not compact:
+            return KernelOutput(spikes, None, None, membrane if mode == MEMBRANE else None)
+        found = int(count.item())  # the host sync: the size of the set
+        if found <= capacity:
+            break
+        capacity = found
+    index, order = torch.sort(index[:found])
+    return KernelOutput(spikes, index, values[:found][order], None)
 
 
 def sample_abs_z(n, seed, offset, k, device, *, dist, dist_param=0.0, cdf=None, abs_z=None, block=1024):

@@ -21,36 +21,45 @@ SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource
     from ztriton.kernels import lif_forward, sparse_input_grad, sparse_weight_grad, time_filter
 
-    def forward(dist, m, alpha, dtype):
-        sig = {"current_ptr": dtype, "spikes_ptr": "*fp32", "grad_ptr": "*fp32", "cdf_ptr": "*fp32",
-               "abs_z_ptr": "*fp32", "n_cols": "i32", "steps": "i32", "beta": "fp32", "threshold": "fp32",
-               "leak": "fp32", "delta": "fp32", "scale": "fp32", "seed": "i64", "offset": "i64",
-               "dist_param": "fp32"}
-        const = dict(M=m, DIST=dist, ALPHA=alpha, TABLE_SIZE=20001 if dist == lif_forward.TABLE else 2,
-                     SEARCH_STEPS=15 if dist == lif_forward.TABLE else 1, BLOCK=256)
-        return lif_forward.lif_localzo_forward_kernel, sig, const
+    F = lif_forward
+    def forward(mode, dist=F.NORMAL, m=1, alpha=1, current="*fp32", spikes="*fp32", bias=False):
+        sig = {"current_ptr": current, "bias_ptr": "*fp32", "spikes_ptr": spikes, "index_ptr": "*i64",
+               "value_ptr": "*fp32", "count_ptr": "*i64", "membrane_ptr": "*fp32", "cdf_ptr": "*fp32",
+               "abs_z_ptr": "*fp32", "n_cols": "i32", "n_out": "i32", "steps": "i32", "beta": "fp32",
+               "threshold": "fp32", "leak": "fp32", "delta": "fp32", "scale": "fp32", "bth": "fp32",
+               "capacity": "i32", "seed": "i64", "offset": "i64", "dist_param": "fp32"}
+        const = dict(MODE=mode, HAS_BIAS=bias, M=m, DIST=dist, ALPHA=alpha,
+                     TABLE_SIZE=20001 if dist == F.TABLE else 2, SEARCH_STEPS=15 if dist == F.TABLE else 1,
+                     BLOCK=128)
+        return F.lif_forward_kernel, sig, const
 
     variants = []
-    laws = [(lif_forward.NORMAL, 1), (lif_forward.UNIFORM, 1), (lif_forward.LAPLACE, 1),
-            (lif_forward.FAST_SIGMOID, -1), (lif_forward.TABLE, 1), (lif_forward.TABLE, -1)]
+    laws = [(F.NORMAL, 1), (F.UNIFORM, 1), (F.LAPLACE, 1), (F.FAST_SIGMOID, -1), (F.TABLE, 1), (F.TABLE, -1)]
     for (dist, alpha), m in itertools.product(laws, (1, 5)):
-        variants.append(forward(dist, m, alpha, "*fp32"))
+        variants.append(forward(F.LOCALZO, dist, m, alpha))
     for dtype in ("*fp16", "*bf16"):
-        variants.append(forward(lif_forward.NORMAL, 1, 1, dtype))
-    variants.append((lif_forward.sample_abs_z_kernel,
+        variants.append(forward(F.LOCALZO, current=dtype, spikes=dtype, bias=True))
+    for mode in (F.SPARSEGRAD, F.MEMBRANE, F.SPIKES):
+        variants.append(forward(mode, bias=True))
+    variants.append((F.sample_abs_z_kernel,
                      {"out_ptr": "*fp32", "n": "i32", "seed": "i64", "offset": "i64", "k": "i32",
                       "dist_param": "fp32", "cdf_ptr": "*fp32", "abs_z_ptr": "*fp32"},
-                     dict(DIST=lif_forward.NORMAL, TABLE_SIZE=2, SEARCH_STEPS=1, BLOCK=1024)))
+                     dict(DIST=F.NORMAL, TABLE_SIZE=2, SEARCH_STEPS=1, BLOCK=1024)))
+    filter_sig = {"src_ptr": None, "dst_ptr": "*fp32", "n_cols": "i32", "steps": "i32", "beta": "fp32"}
     for reverse, dtype in itertools.product((False, True), ("*fp32", "*fp16")):
-        variants.append((time_filter.time_filter_kernel,
-                         {"src_ptr": dtype, "dst_ptr": "*fp32", "n_cols": "i32", "steps": "i32", "beta": "fp32"},
+        variants.append((time_filter.time_filter_kernel, dict(filter_sig, src_ptr=dtype),
                          dict(REVERSE=reverse, BLOCK=512)))
-    variants.append((sparse_weight_grad.sparse_weight_grad_kernel,
-                     {"trace_ptr": "*fp32", "ds_ptr": "*fp32", "rows_ptr": "*i64", "crow_ptr": "*i64",
-                      "out_ptr": "*fp32", "n_in": "i32"}, dict(BLOCK_E=32, BLOCK_IN=128)))
+    for dtype in ("*fp32", "*bf16"):
+        variants.append((time_filter.trace_checkpoints_kernel, dict(filter_sig, src_ptr=dtype), dict(K=16, BLOCK=128)))
+    for dtype, bias in (("*fp32", False), ("*fp32", True), ("*fp16", True), ("*bf16", True)):
+        variants.append((sparse_weight_grad.sparse_weight_grad_kernel,
+                         {"x_ptr": dtype, "ckpt_ptr": "*fp32", "ds_ptr": "*fp32", "gain_ptr": "*fp32",
+                          "rows_ptr": "*i64", "crow_ptr": "*i64", "out_ptr": "*fp32", "bias_ptr": "*fp32",
+                          "n_in": "i32", "batch": "i32", "beta": "fp32"},
+                         dict(K=16, HAS_BIAS=bias, BLOCK_E=32, BLOCK_IN=128)))
     variants.append((sparse_input_grad.sparse_input_grad_kernel,
-                     {"filtered_ptr": "*fp32", "weight_ptr": "*fp32", "rows_ptr": "*i64", "inputs_ptr": "*i64",
-                      "out_ptr": "*fp32", "n_targets": "i32", "n_out": "i32", "n_in": "i32"},
+                     {"filtered_ptr": "*fp32", "weight_t_ptr": "*fp32", "rows_ptr": "*i64", "inputs_ptr": "*i64",
+                      "out_ptr": "*fp32", "n_targets": "i32", "n_out": "i32"},
                      dict(BLOCK_U=64, BLOCK_O=64)))
     for arch in (80, 90):
         for fn, sig, const in variants:
@@ -66,4 +75,4 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 2 * 21  # 14 forward + 1 sampler + 4 filter + 2 gradient variants
+    assert done.stdout.count("compiled") == 2 * 29  # 17 forward, 1 sampler, 6 filter, 5 gradient variants

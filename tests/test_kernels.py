@@ -7,10 +7,13 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from ztriton.kernels.lif_forward import lif_localzo_forward, lif_localzo_forward_reference, sample_abs_z  # noqa: E402
+from ztriton.kernels import lif_forward as fused  # noqa: E402
+from ztriton.kernels.lif_forward import lif_localzo_forward_reference, sample_abs_z  # noqa: E402
 from ztriton.kernels.sparse_input_grad import sparse_input_grad, sparse_input_grad_reference  # noqa: E402
 from ztriton.kernels.sparse_weight_grad import sparse_weight_grad, sparse_weight_grad_reference  # noqa: E402
-from ztriton.kernels.time_filter import time_filter, time_filter_reference  # noqa: E402
+from ztriton.kernels.time_filter import (  # noqa: E402
+    time_filter, time_filter_reference, trace_checkpoints, trace_checkpoints_reference,
+)
 from ztriton import get_distribution  # noqa: E402
 from ztriton.distributions import FastSigmoid, Sigmoid  # noqa: E402
 from ztriton.backends.triton_backend import sampler_args  # noqa: E402
@@ -38,14 +41,30 @@ def _active(steps, batch, n_out, fraction, seed):
     return index // n_out, index % n_out, ds
 
 
-@pytest.mark.parametrize("steps,batch,n_in,n_out,fraction", [(5, 3, 7, 9, 0.3), (11, 2, 130, 17, 0.05), (3, 1, 20, 5, 0.0)])
-def test_sparse_weight_grad(steps, batch, n_in, n_out, fraction):
-    trace = torch.rand(steps * batch, n_in, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("steps,k", [(1, 4), (16, 16), (37, 16), (9, 4)])
+def test_trace_checkpoints(steps, k):
+    src = torch.randn(steps, 3, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    out = trace_checkpoints(src, 0.83, k)
+    assert out.shape == (-(-steps // k), 3, 5)
+    torch.testing.assert_close(out.cpu().double(), trace_checkpoints_reference(src.cpu(), 0.83, k), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("steps,batch,n_in,n_out,fraction", [(5, 3, 7, 9, 0.3), (37, 2, 130, 17, 0.05),
+                                                             (3, 1, 20, 5, 0.0), (40, 4, 9, 6, 0.2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_weight_grad(steps, batch, n_in, n_out, fraction, dtype):
+    """dW and db against float64 index_add of the full trace: T past several checkpoints, odd widths."""
+    gen = torch.Generator().manual_seed(1)
+    x = ((torch.rand(steps, batch, n_in, generator=gen) < 0.3) * torch.rand(steps, batch, n_in, generator=gen)).to(dtype)
     rows, neurons, ds = _active(steps, batch, n_out, fraction, 2)
-    out = sparse_weight_grad(trace.to(DEVICE), ds.to(DEVICE), rows.to(DEVICE), neurons.to(DEVICE), n_out, block_in=64)
-    ref = sparse_weight_grad_reference(trace, ds, rows, neurons, n_out)
-    torch.testing.assert_close(out.cpu().double(), ref, **TOL[torch.float32])
-    assert torch.equal(out, sparse_weight_grad(trace.to(DEVICE), ds.to(DEVICE), rows.to(DEVICE), neurons.to(DEVICE), n_out, block_in=64))
+    args = (x.to(DEVICE), ds.to(DEVICE), rows.to(DEVICE), neurons.to(DEVICE), n_out, 0.83)
+    grad_w, grad_b = sparse_weight_grad(*args, bias=True, block_in=64)
+    ref_w, ref_b = sparse_weight_grad_reference(x.double(), ds, rows, neurons, n_out, 0.83)
+    torch.testing.assert_close(grad_w.cpu().double(), ref_w, **TOL[torch.float32])
+    torch.testing.assert_close(grad_b.cpu().double(), ref_b, **TOL[torch.float32])
+    again_w, again_b = sparse_weight_grad(*args, bias=True, block_in=64)
+    assert torch.equal(grad_w, again_w) and torch.equal(grad_b, again_b)  # no atomics: bit-identical
+    assert sparse_weight_grad(*args, bias=False)[1] is None
 
 
 @pytest.mark.parametrize("rows_n,n_out,n_in,targets", [(15, 9, 7, 20), (40, 130, 3, 77), (4, 5, 6, 0)])
@@ -69,6 +88,12 @@ LAWS = {
 }
 
 
+def _dense(out, shape):
+    grid = torch.zeros(shape, dtype=torch.float64)
+    grid.view(-1)[out.index.cpu()] = out.values.cpu().double()
+    return grid
+
+
 @pytest.mark.parametrize("name", sorted(LAWS))
 @pytest.mark.parametrize("m", [1, 3])
 def test_fused_forward_matches_reference_with_the_same_z(name, m):
@@ -77,30 +102,50 @@ def test_fused_forward_matches_reference_with_the_same_z(name, m):
     steps, batch, n = 9, 3, 37
     current = torch.randn(steps, batch, n, generator=torch.Generator().manual_seed(4)) * 0.8 + 0.3
     args = sampler_args(law, torch.device(DEVICE))
-    spikes, grad = lif_localzo_forward(current.to(DEVICE), 0.9, 1.0, delta, m, 1234, 8, alpha=law.alpha, c=law.c,
-                                       block=64, **args)
+    out = fused.lif_forward(current.to(DEVICE), 0.9, 1.0, mode=fused.LOCALZO, delta=delta, m=m, seed=1234, offset=8,
+                            alpha=law.alpha, c=law.c, block=64, **args)
     abs_z = torch.stack([sample_abs_z(current.numel(), 1234, 8, k, DEVICE, **args) for k in range(m)])
     abs_z = abs_z.cpu().view(m, steps, batch, n)
     ref_spikes, ref_grad = lif_localzo_forward_reference(current, 0.9, 1.0, law.alpha, law.c, delta, abs_z)
-    flips = (spikes.cpu().double() != ref_spikes).double().mean()
+    flips = (out.spikes.cpu().double() != ref_spikes).double().mean()
     assert flips <= 1e-3  # a spike can flip only for v within rounding of 0
-    agree = (grad.cpu() != 0) == (ref_grad != 0)
+    assert torch.equal(out.index, out.index.sort().values) and bool((out.values > 0).all())
+    grad = _dense(out, current.shape)
+    agree = (grad != 0) == (ref_grad != 0)
     assert agree.double().mean() >= 1 - 1e-3
     assert 0.02 < (ref_grad != 0).double().mean() < 0.9
-    torch.testing.assert_close(grad.cpu().double()[agree], ref_grad[agree], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[agree], ref_grad[agree], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_forward_other_modes_bias_and_spike_dtype():
+    gen = torch.Generator().manual_seed(6)
+    current = (torch.randn(11, 2, 29, generator=gen) * 0.8).to(DEVICE)
+    bias = (torch.randn(29, generator=gen) * 0.3).to(DEVICE)
+    ref_spikes, _ = lif_localzo_forward_reference(current.cpu() + bias.cpu(), 0.9, 1.0, 1, 1.0, 1.0,
+                                                  torch.ones(1, *current.shape))
+    membrane = fused.lif_forward(current, 0.9, 1.0, mode=fused.MEMBRANE, bias=bias)
+    assert torch.equal(membrane.spikes.cpu().double(), ref_spikes) and membrane.index is None
+    assert torch.equal(membrane.spikes, (membrane.membrane > 0).float())
+    sparse = fused.lif_forward(current, 0.9, 1.0, mode=fused.SPARSEGRAD, bias=bias, bth=0.2, capacity=3)
+    expected = torch.nonzero(membrane.membrane.abs().view(-1) < 0.2).squeeze(1)
+    assert torch.equal(sparse.index, expected)  # the 3-entry buffer overflowed: rerun at the exact size
+    assert torch.equal(sparse.values, membrane.membrane.abs().view(-1)[expected])
+    half = fused.lif_forward(current, 0.9, 1.0, mode=fused.SPIKES, bias=bias, spike_dtype=torch.float16)
+    assert half.spikes.dtype == torch.float16 and torch.equal(half.spikes.float(), membrane.spikes)
+    assert half.index is None and half.membrane is None
 
 
 def test_fused_forward_is_reproducible_by_seed():
     law = get_distribution("normal")
     current = torch.randn(6, 2, 50, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    args = sampler_args(law, torch.device(DEVICE))
-    a = lif_localzo_forward(current, 0.9, 1.0, 0.5, 1, 7, 0, **args)
-    b = lif_localzo_forward(current, 0.9, 1.0, 0.5, 1, 7, 0, **args)
-    c = lif_localzo_forward(current, 0.9, 1.0, 0.5, 1, 8, 0, **args)
-    d = lif_localzo_forward(current, 0.9, 1.0, 0.5, 1, 7, 4, **args)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    args = dict(mode=fused.LOCALZO, delta=0.5, **sampler_args(law, torch.device(DEVICE)))
+    a = fused.lif_forward(current, 0.9, 1.0, seed=7, offset=0, **args)
+    b = fused.lif_forward(current, 0.9, 1.0, seed=7, offset=0, capacity=1, **args)  # one more launch, same set
+    c = fused.lif_forward(current, 0.9, 1.0, seed=8, offset=0, **args)
+    d = fused.lif_forward(current, 0.9, 1.0, seed=7, offset=4, **args)
+    assert torch.equal(a.spikes, b.spikes) and torch.equal(a.index, b.index) and torch.equal(a.values, b.values)
     for other in (c, d):  # same spikes, new z for another seed or offset
-        assert torch.equal(a[0], other[0]) and not torch.equal(a[1], other[1])
+        assert torch.equal(a.spikes, other.spikes) and not torch.equal(a.index, other.index)
 
 
 @pytest.mark.parametrize("name,mean_abs", [("normal", math.sqrt(2 / math.pi)), ("uniform", math.sqrt(3) / 2),
@@ -128,19 +173,21 @@ def test_gpu_fused_forward_with_bf16_current():
     law = get_distribution("normal")
     current = torch.randn(50, 64, 200, device="cuda") * 0.8 + 0.3
     args = sampler_args(law, torch.device("cuda"))
-    spikes, grad = lif_localzo_forward(current.bfloat16(), 0.9, 1.0, 0.05, 1, 3, 0, **args)
+    out = fused.lif_forward(current.bfloat16(), 0.9, 1.0, mode=fused.LOCALZO, delta=0.05, seed=3,
+                            spike_dtype=torch.bfloat16, **args)
     abs_z = sample_abs_z(current.numel(), 3, 0, 0, "cuda", **args).cpu().view(1, 50, 64, 200)
     ref_spikes, _ = lif_localzo_forward_reference(current.bfloat16().float().cpu(), 0.9, 1.0, 1, 1.0, 0.05, abs_z)
-    assert (spikes.cpu().double() != ref_spikes).double().mean() < 1e-3
+    assert (out.spikes.cpu().double() != ref_spikes).double().mean() < 1e-3
 
 
 @pytest.mark.gpu
 def test_gpu_weight_grad_at_paper_shape():
-    trace = torch.rand(500 * 256, 700, device="cuda")
+    x = (torch.rand(500, 256, 700, device="cuda") < 0.02).float()
     rows, neurons, ds = _active(500, 256, 200, 0.005, 6)
-    out = sparse_weight_grad(trace, ds.cuda(), rows.cuda(), neurons.cuda(), 200)
-    ref = sparse_weight_grad_reference(trace.cpu(), ds, rows, neurons, 200)
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-3)
+    grad_w, grad_b = sparse_weight_grad(x, ds.cuda(), rows.cuda(), neurons.cuda(), 200, 0.82, bias=True)
+    ref_w, ref_b = sparse_weight_grad_reference(x.cpu(), ds, rows, neurons, 200, 0.82)
+    torch.testing.assert_close(grad_w.cpu().double(), ref_w, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grad_b.cpu().double(), ref_b, rtol=1e-4, atol=1e-3)
 
 
 # --- the layer on the Triton backend -------------------------------------------------------------
@@ -149,14 +196,16 @@ from ztriton import LeakyReadout, SparseLIFLinear  # noqa: E402
 from ztriton.sparse import producer_of  # noqa: E402
 
 
-def _stack(backend, grad, seed=0):
+def _stack(backend, grad, seed=0, bias=False, path="sparse"):
     torch.manual_seed(seed)
-    layers = [SparseLIFLinear(24, 19, beta=0.9, grad=grad, delta=0.3, path="sparse", backend=backend),
-              SparseLIFLinear(19, 13, beta=0.8, grad=grad, delta=0.3, path="sparse", backend=backend)]
+    kwargs = dict(grad=grad, delta=0.3, path=path, backend=backend, bias=bias)
+    layers = [SparseLIFLinear(24, 19, beta=0.9, **kwargs), SparseLIFLinear(19, 13, beta=0.8, **kwargs)]
     readout = LeakyReadout(13, 4, beta=0.85)
     with torch.no_grad():
         for layer in layers:
             layer.weight.mul_(3)
+            if bias:
+                layer.bias.normal_(0.0, 0.2)
     return layers, readout
 
 
@@ -168,17 +217,20 @@ def _run(layers, readout, x):
         h = layer(h)
         spikes.append(h)
     (readout(h).amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in spikes)).backward()
-    return spikes, [m.weight.grad.clone() for m in layers + [readout]] + [xi.grad.clone()]
+    biases = [m.bias.grad.clone() for m in layers if m.bias is not None]
+    return spikes, [m.weight.grad.clone() for m in layers + [readout]] + biases + [xi.grad.clone()]
 
 
 X = (torch.rand(14, 3, 24, generator=torch.Generator().manual_seed(2)) < 0.4).float()
 
 
-def test_triton_layer_equals_torch_layer_for_sparsegrad():
-    """SparseGrad draws nothing, so both backends see the same active set."""
+@pytest.mark.parametrize("grad,path,bias", [("sparsegrad", "sparse", False), ("sparsegrad", "sparse", True),
+                                            ("surrogate", "dense", True), ("surrogate", "sparse", False)])
+def test_triton_layer_equals_torch_layer_without_draws(grad, path, bias):
+    """SparseGrad and the surrogate rule draw nothing, so both backends see the same g."""
     results = {}
     for backend in ("torch", "triton"):
-        layers, readout = _stack(backend, "sparsegrad")
+        layers, readout = _stack(backend, grad, bias=bias, path=path)
         spikes, grads = _run(layers, readout, X)
         assert layers[0].stats["backend"] == backend
         results[backend] = (spikes, grads)

@@ -1,5 +1,6 @@
 """ztriton: sparse training of spiking neural networks with LocalZO (Mukhoty, Bojković et al., NeurIPS 2023) and SparseGrad."""
 
+from ._checks import set_value_checks
 from .distributions import (
     Distribution,
     distribution_from_surrogate,
@@ -21,6 +22,7 @@ __all__ = [
     "distribution_from_surrogate",
     "get_distribution",
     "localzo_spike",
+    "set_value_checks",
     "sparsegrad_spike",
     "spike_count",
     "surrogate_spike",

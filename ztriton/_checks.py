@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: NaN / inf checks of layer inputs: None = the default (on for CPU tensors; off on CUDA, where each
+#: check is a host sync), or forced on / off by `set_value_checks` or ZTRITON_CHECK_VALUES=1 / 0
+_value_checks: bool | None = {"1": True, "0": False}.get(os.environ.get("ZTRITON_CHECK_VALUES", ""))
+
+
+def set_value_checks(enabled: bool | None) -> None:
+    """Turn the layers' NaN/inf checks of their input on (True), off (False), or back to the default
+    (None: checked on CPU; not on CUDA, where a check makes the host wait for the device)."""
+    global _value_checks
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
+    _value_checks = enabled
+
+
+def value_checks(device: torch.device) -> bool:
+    """Whether layer inputs on `device` are checked for NaN/inf (see `set_value_checks`)."""
+    return device.type != "cuda" if _value_checks is None else _value_checks
 
 
 def positive_float(name: str, value) -> float:

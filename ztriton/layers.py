@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import backends, rng
-from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval
+from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval, value_checks
 from .distributions import Distribution, resolve
 from .events import cached_events
 from .ops import LeakyReadoutFunction, LIFFunction, PathPolicy
@@ -31,7 +31,8 @@ def _check_backend(name) -> str:
 
 
 def _check_input(x, in_features: int) -> torch.Tensor:
-    """x must be a finite floating (T, B, in_features) tensor, strided or sparse COO (events)."""
+    """x must be a floating (T, B, in_features) tensor, strided or sparse COO (events), and finite
+    where values are checked (`ztriton.set_value_checks`: on CPU by default, not on CUDA)."""
     float_tensor("x", x, finite=False)
     if x.layout not in (torch.strided, torch.sparse_coo):
         raise TypeError(f"x must be a strided or sparse COO tensor, got layout {x.layout}")
@@ -44,8 +45,8 @@ def _check_input(x, in_features: int) -> torch.Tensor:
             raise ValueError(f"a sparse x must have 3 sparse dimensions (T, B, in_features), got {x.sparse_dim()}")
         if x.requires_grad:
             raise ValueError("a sparse x (events) cannot require grad; pass a dense tensor to get its gradient")
-    if cached_events(x) is not None:
-        return x  # a layer's output, or a tensor checked before and unchanged since
+    if cached_events(x) is not None or not value_checks(x.device):
+        return x  # a layer's output, a tensor checked before and unchanged since, or checks off (CUDA)
     values = (x._values() if x.is_sparse else x).detach()
     # one cheap reduction; the exact elementwise check runs only if the sum is not finite
     if values.numel() and not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):

@@ -103,18 +103,22 @@ def sparse_grad(active: ActiveSet, values: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def values_at(grad: torch.Tensor, active: ActiveSet, dtype: torch.dtype) -> torch.Tensor:
-    """The entries of an incoming gradient (dense, broadcast or sparse COO) at the active set."""
+    """The entries of an incoming gradient (dense, broadcast or sparse COO) at the active set.
+
+    A sparse gradient is aligned with the set by binary search (no host sync); entries outside the
+    set are dropped, duplicates summed.
+    """
     if not grad.is_sparse:
         t, b, n = active.coo_indices
         return grad[t, b, n].to(dtype)
     indices, values = grad._indices(), grad._values().to(dtype)
-    if indices is active.coo_indices or (
-        grad.is_coalesced() and indices.shape[1] == active.nnz and torch.equal(indices, active.coo_indices)
-    ):
+    if indices is active.coo_indices:
         return values  # one consumer's gradient, aligned with the set
+    out = torch.zeros(active.nnz, dtype=dtype, device=values.device)
+    if active.nnz == 0:
+        return out
     _, batch, width = active.shape
     flat = (indices[0] * batch + indices[1]) * width + indices[2]
-    position = torch.searchsorted(active.index, flat).clamp_(max=max(active.nnz - 1, 0))
-    hit = active.index[position] == flat if active.nnz else torch.zeros_like(flat, dtype=torch.bool)
-    out = torch.zeros(active.nnz, dtype=dtype, device=values.device)
-    return out.index_add_(0, position[hit], values[hit])
+    position = torch.searchsorted(active.index, flat).clamp_(max=active.nnz - 1)
+    hit = active.index[position] == flat
+    return out.index_add_(0, position, torch.where(hit, values, 0.0))

@@ -91,8 +91,9 @@ class Backend(Protocol):
         draws by the RNG contract with `key`); without: spikes only, no draw."""
 
     def weight_grad(self, ds: torch.Tensor, active: ActiveSet, x: torch.Tensor, beta: float,
-                    weight_shape: torch.Size, workspace: Workspace) -> torch.Tensor:
-        """dW = sum over active (t, b, i) of ds * eps[t, b, :] (eq. 25-26), compute dtype."""
+                    weight_shape: torch.Size, bias: bool, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(dW, db): dW = sum over active (t, b, i) of ds * eps[t, b, :] (eq. 25-26) and, with `bias`,
+        db = sum of ds * gain(t), gain(t) = sum_{k<=t} beta^(t-k); compute dtype, deterministic."""
 
     def input_grad(self, ds: torch.Tensor, active: ActiveSet, beta: float, weight: torch.Tensor,
                    targets: ActiveSet, workspace: Workspace) -> torch.Tensor:

@@ -167,8 +167,9 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
     return LIFForward(spikes_t, None, ActiveSet(positions_t, values.float(), spikes.shape))  # values: LocalZO g
 
 
-def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, workspace: Workspace):
-    """dW = sum over active (t, b, i) of ds * eps[t, b, :]; each batch row's trace built on the fly."""
+def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, bias: bool, workspace: Workspace):
+    """dW = sum over active (t, b, i) of ds * eps[t, b, :], each batch row's trace built on the fly
+    (blocks summed in a fixed order); db as the torch backend's (CPU: deterministic)."""
     steps, batch, _ = active.shape
     dtype = ds.dtype
     events = events_of(x)
@@ -179,7 +180,8 @@ def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, workspace: 
             act_ptr,
             active.neurons.numpy(), _numpy(ds, dtype))
     native.run_blocks(lambda block, lo, hi: native._weight_grad_rows(lo, hi, *args, out[block]), batch)
-    return torch.from_numpy(out.sum(0))
+    grad_b = torch_backend.sparse_bias_grad(ds, active, beta, weight_shape[0]) if bias else None
+    return torch.from_numpy(out.sum(0)), grad_b
 
 
 def input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet, workspace: Workspace):
@@ -231,6 +233,6 @@ def warm_up(dtype: torch.dtype) -> None:
     out = lif_forward(x, weight, None, cfg, True, PhiloxKey(1, 0), Workspace())
     active = out.active if out.active.nnz else ActiveSet(torch.tensor([0]), torch.ones(1, dtype=dtype), (3, 2, 2))
     ds = torch.ones(active.nnz, dtype=dtype)
-    weight_grad(ds, active, x, 0.9, weight.shape, Workspace())
+    weight_grad(ds, active, x, 0.9, weight.shape, True, Workspace())
     input_grad(ds, active, 0.9, weight, active, Workspace())
     time_filter(torch.ones(3, 2, dtype=dtype), 0.9, True)

@@ -92,6 +92,21 @@ def active_set(v: torch.Tensor, rule: SpikeRule, key: PhiloxKey | None, base: in
     return ActiveSet(index, grad, v.shape)
 
 
+def sparse_bias_grad(ds: torch.Tensor, active: ActiveSet, beta: float, n_out: int) -> torch.Tensor:
+    """db = sum over active (t, b, i) of ds * sum_{k<=t} beta^{t-k} (index_add: deterministic on CPU)."""
+    t, _, neurons = active.coo_indices
+    steps = (t + 1).double()
+    gain = steps if beta == 1.0 else (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), steps)) / (1.0 - beta)
+    grad_b = torch.zeros(n_out, dtype=ds.dtype, device=ds.device)
+    return grad_b.index_add_(0, neurons, ds * gain.to(ds.dtype))
+
+
+def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, bias: bool, workspace: Workspace):
+    """(dW by `sparse_weight_grad`, db by `sparse_bias_grad` or None)."""
+    grad_b = sparse_bias_grad(ds, active, beta, weight_shape[0]) if bias else None
+    return sparse_weight_grad(ds, active, x, beta, weight_shape, workspace), grad_b
+
+
 def sparse_weight_grad(
     ds: torch.Tensor, active: ActiveSet, x: torch.Tensor, beta: float, weight_shape: torch.Size,
     workspace: Workspace | None = None,
@@ -283,7 +298,7 @@ class TorchBackend:
         return True
 
     lif_forward = staticmethod(lif_forward)
-    weight_grad = staticmethod(sparse_weight_grad)
+    weight_grad = staticmethod(weight_grad)
     input_grad = staticmethod(sparse_input_grad)
     filtered_grad = staticmethod(filtered_grad)
     input_grad_at = staticmethod(input_grad_at)

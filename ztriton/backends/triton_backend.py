@@ -1,9 +1,11 @@
 """The Triton backend: a GPU, or the CPU under TRITON_INTERPRET=1 (tests).
 
-The LocalZO forward is the fused kernel of `kernels/lif_forward.py`; SparseGrad, surrogate and
-no-grad forwards use the torch backend's streamed forward for now. The backward runs the time
-filters, the CSR-by-neuron weight gradient and the input gradient at the upstream active entries
-as kernels. Kernels are imported on first use, so this module imports without Triton.
+Every forward (LocalZO, SparseGrad, surrogate, inference) is one launch of the fused kernel of
+`kernels/lif_forward.py` after the input-current GEMM; it emits the compact active set itself
+(the count is the one host sync of a layer). The backward runs the time filters, the CSR-by-neuron
+weight and bias gradient (input trace rebuilt in-kernel from checkpoints) and the input gradient
+at the upstream active entries as kernels. Launches per layer do not depend on T or on the active
+count. Kernels are imported on first use, so this module imports without Triton.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from ..events import dense
 from ..distributions import FastSigmoid, Laplace, Normal, SurrogateDistribution, Uniform
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
-from . import torch_backend
 from .base import LIFConfig, LIFForward, Workspace
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,34 +55,41 @@ class TritonBackend:
     @staticmethod
     def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,
                     workspace: Workspace) -> LIFForward:
-        rule = cfg.rule
-        if not (needs_grad and rule.grad == "localzo"):
-            return torch_backend.lif_forward(x, weight, bias, cfg, needs_grad, key, workspace)
-        from ..kernels.lif_forward import lif_localzo_forward
+        from ..kernels import lif_forward as kernel
 
+        rule = cfg.rule
         current = torch.matmul(dense(x).to(weight.dtype), weight.t())
-        if bias is not None:
-            current += bias
-        spikes, grad = lif_localzo_forward(
-            current, cfg.beta, cfg.threshold, rule.delta, rule.m, key.seed, key.offset,
-            alpha=rule.law.alpha, c=rule.law.c, **sampler_args(rule.law, current.device),
-        )
-        index = torch.nonzero(grad.view(-1)).squeeze(1)
-        return LIFForward(spikes.to(weight.dtype), None, ActiveSet(index, grad.view(-1)[index], grad.shape))
+        run = dict(bias=bias, spike_dtype=weight.dtype, capacity=workspace.hints.get("active"))
+        if not needs_grad:
+            out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.SPIKES, **run)
+            return LIFForward(out.spikes, None, None)
+        if rule.grad == "surrogate":
+            out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.MEMBRANE, **run)
+            return LIFForward(out.spikes, rule.law.expected_grad(out.membrane, rule.delta), None)
+        if rule.grad == "sparsegrad":
+            out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.SPARSEGRAD, bth=rule.bth, **run)
+            grad = rule.law.expected_grad(out.values, rule.delta)
+        else:
+            out = kernel.lif_forward(
+                current, cfg.beta, cfg.threshold, mode=kernel.LOCALZO, delta=rule.delta, m=rule.m, seed=key.seed,
+                offset=key.offset, alpha=rule.law.alpha, c=rule.law.c, **sampler_args(rule.law, current.device), **run,
+            )
+            grad = out.values
+        workspace.hints["active"] = out.index.numel() * 5 // 4 + 1024  # next call's buffer: this one + 25 %
+        return LIFForward(out.spikes, None, ActiveSet(out.index, grad, out.spikes.shape))
 
     @staticmethod
-    def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, workspace: Workspace):
+    def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, bias: bool, workspace: Workspace):
         from ..kernels.sparse_weight_grad import sparse_weight_grad
-        from ..kernels.time_filter import time_filter
 
-        trace = time_filter(dense(x), beta)
-        return sparse_weight_grad(trace, ds, active.rows, active.neurons, weight_shape[0]).to(ds.dtype)
+        grad_w, grad_b = sparse_weight_grad(dense(x), ds, active.rows, active.neurons, weight_shape[0], beta, bias)
+        return grad_w.to(ds.dtype), None if grad_b is None else grad_b.to(ds.dtype)
 
     @staticmethod
     def filtered_grad(ds, active: ActiveSet, beta: float):
-        dense = torch.zeros(active.shape, dtype=torch.float32, device=ds.device)
-        dense.view(-1).index_copy_(0, active.index, ds.float())
-        return TritonBackend.time_filter(dense, beta, reverse=True).to(ds.dtype)
+        grid = torch.zeros(active.shape, dtype=torch.float32, device=ds.device)
+        grid.view(-1).index_copy_(0, active.index, ds.float())
+        return TritonBackend.time_filter(grid, beta, reverse=True).to(ds.dtype)
 
     @staticmethod
     def input_grad_at(filtered, weight, targets: ActiveSet, workspace: Workspace):

@@ -5,7 +5,7 @@ policy picks "dense" or "sparse" from the measured active fraction. Backward (ap
 eq. 25-26), ds = grad_s * g:
 
 - dense path: D = reverse-time filter of ds on the whole grid, dW = D^T x, dx = D W (GEMMs);
-- sparse path: ds only at the active entries, dW by `backend.weight_grad` (nnz x N_in work).
+- sparse path: ds only at the active entries, dW and db by `backend.weight_grad` (nnz x N_in work).
 
 The input gradient is a sparse COO tensor at the producing layer's active entries when x is the
 unmodified output of a sparse-path SparseLIFLinear (`ztriton.sparse`), else dense.
@@ -48,15 +48,6 @@ class LIFStats:
     backend: str
     grid: int
     active: ActiveSet | None = None
-
-
-def sparse_bias_grad(ds: torch.Tensor, active: ActiveSet, beta: float, n_out: int) -> torch.Tensor:
-    """db = sum over active (t, b, i) of ds * sum_{k<=t} beta^{t-k}."""
-    t, _, neurons = active.coo_indices
-    steps = (t + 1).double()
-    gain = steps if beta == 1.0 else (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), steps)) / (1.0 - beta)
-    grad_b = torch.zeros(n_out, dtype=ds.dtype, device=ds.device)
-    return grad_b.index_add_(0, neurons, ds * gain.to(ds.dtype))
 
 
 class LIFFunction(torch.autograd.Function):
@@ -117,8 +108,7 @@ def _sparse_backward(ctx, grad_spikes, x, weight, g, dtype):
     """Work at the active entries only (and at the producing layer's active entries for dx)."""
     active, backend, workspace, beta = ctx.active, ctx.backend, ctx.workspace, ctx.cfg.beta
     ds = values_at(grad_spikes, active, dtype) * active.grad.to(dtype)
-    grad_w = backend.weight_grad(ds, active, x, beta, weight.shape, workspace)
-    grad_b = sparse_bias_grad(ds, active, beta, weight.shape[0]) if ctx.has_bias else None
+    grad_w, grad_b = backend.weight_grad(ds, active, x, beta, weight.shape, ctx.has_bias, workspace)
     if not ctx.needs_input_grad[0]:
         grad_x = None
     elif ctx.producer is not None:

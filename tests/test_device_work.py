@@ -1,0 +1,93 @@
+"""Launches and host syncs of a training step on the Triton backend, counted on CPU.
+
+`ztriton.counting` counts the torch ops and Triton launches a step dispatches (what a GPU would
+run) and the ops that would make the host wait for a GPU. Two things differ on CPU and are set as
+a GPU run has them: the RNG key (on CUDA it is the generator's seed and Philox offset, host-side
+state; on CPU a seed is drawn with one randint) and the inputs' NaN/inf checks (off by default on
+CUDA, `ztriton.set_value_checks`).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import ztriton  # noqa: E402
+from ztriton import LeakyReadout, SparseLIFLinear, spike_count  # noqa: E402
+from ztriton import rng  # noqa: E402
+from ztriton.counting import count_device_work  # noqa: E402
+
+#: the issue's budget for 2 hidden layers + readout + loss, forward and backward
+MAX_DEVICE_OPS = 120
+MAX_SYNCS = 3
+
+
+@pytest.fixture
+def as_on_cuda(monkeypatch):
+    keys = iter(range(1_000_000))
+    monkeypatch.setattr(rng, "next_key", lambda generator, device: rng.PhiloxKey(7, 4 * next(keys)))
+    ztriton.set_value_checks(False)
+    yield
+    ztriton.set_value_checks(None)
+
+
+def _network(grad, steps, seed=0):
+    torch.manual_seed(seed)
+    kwargs = dict(beta=0.9, grad=grad, delta=0.05, backend="triton")
+    layers = [SparseLIFLinear(40, 32, **kwargs), SparseLIFLinear(32, 24, **kwargs)]
+    for layer in layers:
+        layer.weight.data.mul_(4)
+    readout = LeakyReadout(24, 5, beta=0.9, backend="triton")
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(steps, 6, 40, generator=gen) < 0.2).float()
+    y = torch.randint(0, 5, (6,), generator=gen)
+    return layers, readout, x, y
+
+
+def _step(layers, readout, x, y):
+    hidden, h = [], x
+    for layer in layers:
+        h = layer(h)
+        hidden.append(h)
+    loss = torch.nn.functional.cross_entropy(readout(h).amax(0), y)
+    loss = loss + 0.01 * sum(spike_count(s).sum() for s in hidden)
+    loss.backward()
+    return [layer.stats["path"] for layer in layers]
+
+
+def _counted_step(grad, steps):
+    layers, readout, x, y = _network(grad, steps)
+    _step(layers, readout, x, y)  # warm-up: the active-set buffers learn their size
+    with count_device_work() as work:
+        paths = _step(layers, readout, x, y)
+    return work, paths
+
+
+@pytest.mark.parametrize("grad,path", [("localzo", "sparse"), ("sparsegrad", "sparse"), ("surrogate", "dense")])
+def test_device_ops_and_syncs_per_step_do_not_grow_with_T(as_on_cuda, grad, path):
+    short, paths_short = _counted_step(grad, 16)
+    long, paths_long = _counted_step(grad, 64)
+    assert paths_short == paths_long == [path, path]
+    assert long.device_ops == short.device_ops, (short.op_names, long.op_names)
+    assert long.launches == short.launches
+    assert long.device_ops <= MAX_DEVICE_OPS, long.op_names.most_common()
+    assert long.syncs <= MAX_SYNCS, long.sync_names
+    if path == "sparse":  # one sync per layer: the size of its active set
+        assert long.sync_names == {"_local_scalar_dense": 2}
+
+
+def test_counting_sees_syncs_launches_and_ops():
+    from ztriton.kernels.time_filter import time_filter
+
+    x = torch.tensor([0.0, 1.0, 2.0])
+    with count_device_work() as work:
+        y = x * 2
+        torch.nonzero(y)
+        y[y > 1]
+        float(y.sum())
+        y.tolist()
+        y.view(3, 1)
+        time_filter(torch.ones(4, 3), 0.5)
+    assert work.sync_names == {"nonzero": 1, "index": 1, "_local_scalar_dense": 1, "tolist": 1}
+    assert work.op_names == {"mul": 1, "gt": 1, "sum": 1, "ones": 1}
+    assert work.launches == 1 and work.kernel_names == {"time_filter_kernel": 1}
