@@ -289,3 +289,29 @@ def test_values_at_aligns_any_incoming_gradient():
     assert values_at(sparse, active, torch.float64).tolist() == [4.0, 3.0, 0.0, 0.0]
     empty = ActiveSet.empty(shape, "cpu")
     assert values_at(sparse, empty, torch.float64).numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("grad", MODES)
+def test_autocast_does_not_change_the_layers(backend, grad):
+    """Inside torch.autocast the layers compute in their own dtype, exactly as outside it."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x = X.float()
+    runs = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        l1 = SparseLIFLinear(11, 9, beta=0.9, grad=grad, delta=0.4, backend=backend, bias=True)
+        readout = LeakyReadout(9, 3, beta=0.85, backend=backend, bias=True)
+        with torch.no_grad():
+            l1.weight.mul_(3)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            spikes = l1(x)
+            out = readout(spikes)
+            loss = out.amax(0).pow(2).sum()
+        loss.backward()
+        assert spikes.dtype == out.dtype == torch.float32
+        runs.append([spikes, out, l1.weight.grad, l1.bias.grad, readout.weight.grad])
+    for plain, cast in zip(*runs):
+        assert torch.equal(plain, cast)

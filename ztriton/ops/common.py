@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..backends import Backend, Workspace, compute_dtype
 from ..sparse import ActiveSet, sparse_grad
+
+
+def without_autocast(method):
+    """Run a Function's forward or backward with autocast off on its tensors' device type.
+
+    The ops compute in their parameters' dtype (float32 layers: float32 GEMMs, half layers: half
+    currents with float32 membranes), the same on every backend, under `torch.autocast` as outside;
+    half-precision training converts the layers (`.half()`, `.bfloat16()`) instead.
+    """
+    @functools.wraps(method)
+    def run(ctx, *args):
+        device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type, enabled=False):
+            return method(ctx, *args)
+    return run
 
 
 def refuse_double_backward(op: str) -> None:

@@ -7,7 +7,7 @@ import torch
 from ..backends import Backend, Workspace, compute_dtype
 from ..events import dense
 from ..sparse import producer_of
-from .common import input_grad_from_filtered, refuse_double_backward
+from .common import input_grad_from_filtered, refuse_double_backward, without_autocast
 
 
 class LeakyReadoutFunction(torch.autograd.Function):
@@ -18,6 +18,7 @@ class LeakyReadoutFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, spikes, weight, bias, beta: float, backend: Backend, workspace: Workspace):
         current = torch.matmul(dense(spikes).to(weight.dtype), weight.t())
         if bias is not None:
@@ -30,6 +31,7 @@ class LeakyReadoutFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         refuse_double_backward("LeakyReadout")
         spikes, weight = ctx.saved_tensors

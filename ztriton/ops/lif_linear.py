@@ -21,7 +21,7 @@ from ..backends import Backend, LIFConfig, Workspace, compute_dtype
 from ..events import dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
-from .common import input_grad_from_filtered, refuse_double_backward
+from .common import input_grad_from_filtered, refuse_double_backward, without_autocast
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class LIFFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x, weight, bias, cfg: LIFConfig, policy: PathPolicy, needs_grad: bool,
                 key: PhiloxKey | None, backend: Backend, workspace: Workspace):
         spikes, g, active = backend.lif_forward(x, weight, bias, cfg, needs_grad, key, workspace)
@@ -81,6 +82,7 @@ class LIFFunction(torch.autograd.Function):
         return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), active)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_spikes, _stats):
         refuse_double_backward("SparseLIFLinear")
         x, weight, g = ctx.saved_tensors
