@@ -31,17 +31,17 @@ def as_on_cuda(monkeypatch):
     ztriton.set_value_checks(None)
 
 
-def _network(grad, steps, seed=0):
+def _network(grad, steps, seed=0, events=False):
     torch.manual_seed(seed)
     kwargs = dict(beta=0.9, grad=grad, delta=0.05, backend="triton")
     layers = [SparseLIFLinear(40, 32, **kwargs), SparseLIFLinear(32, 24, **kwargs)]
     for layer in layers:
-        layer.weight.data.mul_(4)
+        layer.weight.data.mul_(12 if events else 4)
     readout = LeakyReadout(24, 5, beta=0.9, backend="triton")
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand(steps, 6, 40, generator=gen) < 0.2).float()
+    x = (torch.rand(steps, 6, 40, generator=gen) < (0.04 if events else 0.2)).float()  # events: below 5 %
     y = torch.randint(0, 5, (6,), generator=gen)
-    return layers, readout, x, y
+    return layers, readout, x.to_sparse() if events else x, y
 
 
 def _step(layers, readout, x, y):
@@ -52,21 +52,24 @@ def _step(layers, readout, x, y):
     loss = torch.nn.functional.cross_entropy(readout(h).amax(0), y)
     loss = loss + 0.01 * sum(spike_count(s).sum() for s in hidden)
     loss.backward()
+    assert all(layer.stats["active_fraction"] > 0.002 for layer in layers)  # real work in every layer
     return [layer.stats["path"] for layer in layers]
 
 
-def _counted_step(grad, steps):
-    layers, readout, x, y = _network(grad, steps)
+def _counted_step(grad, steps, events=False):
+    layers, readout, x, y = _network(grad, steps, events=events)
     _step(layers, readout, x, y)  # warm-up: the active-set buffers learn their size
     with count_device_work() as work:
         paths = _step(layers, readout, x, y)
     return work, paths
 
 
-@pytest.mark.parametrize("grad,path", [("localzo", "sparse"), ("sparsegrad", "sparse"), ("surrogate", "dense")])
-def test_device_ops_and_syncs_per_step_do_not_grow_with_T(as_on_cuda, grad, path):
-    short, paths_short = _counted_step(grad, 16)
-    long, paths_long = _counted_step(grad, 64)
+@pytest.mark.parametrize("grad,path,events", [("localzo", "sparse", False), ("localzo", "sparse", True),
+                                              ("sparsegrad", "sparse", False), ("surrogate", "dense", False)])
+def test_device_ops_and_syncs_per_step_do_not_grow_with_T(as_on_cuda, grad, path, events):
+    """Dense input, or a sparse COO batch of events (event-driven current in the first layer)."""
+    short, paths_short = _counted_step(grad, 16, events)
+    long, paths_long = _counted_step(grad, 64, events)
     assert paths_short == paths_long == [path, path]
     assert long.device_ops == short.device_ops, (short.op_names, long.op_names)
     assert long.launches == short.launches

@@ -8,6 +8,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from ztriton.kernels import lif_forward as fused  # noqa: E402
+from ztriton.kernels.event_current import event_current, event_current_reference  # noqa: E402
+from ztriton.events import events_of  # noqa: E402
 from ztriton.kernels.lif_forward import lif_localzo_forward_reference, sample_abs_z  # noqa: E402
 from ztriton.kernels.sparse_input_grad import sparse_input_grad, sparse_input_grad_reference  # noqa: E402
 from ztriton.kernels.sparse_weight_grad import sparse_weight_grad, sparse_weight_grad_reference  # noqa: E402
@@ -65,6 +67,20 @@ def test_sparse_weight_grad(steps, batch, n_in, n_out, fraction, dtype):
     again_w, again_b = sparse_weight_grad(*args, bias=True, block_in=64)
     assert torch.equal(grad_w, again_w) and torch.equal(grad_b, again_b)  # no atomics: bit-identical
     assert sparse_weight_grad(*args, bias=False)[1] is None
+
+
+@pytest.mark.parametrize("steps,batch,n_in,n_out,density", [(7, 3, 33, 45, 0.1), (1, 1, 5, 130, 0.5), (4, 2, 9, 3, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_event_current(steps, batch, n_in, n_out, density, dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = ((torch.rand(steps, batch, n_in, generator=gen) < density) * torch.rand(steps, batch, n_in, generator=gen))
+    weight = torch.randn(n_out, n_in, generator=gen).to(dtype)
+    events = events_of(x.to_sparse().to(DEVICE))
+    out = event_current(events.row_ptr, events.cols, events.values, weight.to(DEVICE), (steps, batch), block_n=64)
+    assert out.dtype == dtype and out.shape == (steps, batch, n_out)
+    ref = event_current_reference(events.row_ptr.cpu(), events.cols.cpu(), events.values.cpu(), weight, (steps, batch))
+    torch.testing.assert_close(out.cpu().double(), ref, **TOL[dtype])
+    torch.testing.assert_close(ref, x.double() @ weight.double().t())
 
 
 @pytest.mark.parametrize("rows_n,n_out,n_in,targets", [(15, 9, 7, 20), (40, 130, 3, 77), (4, 5, 6, 0)])
@@ -196,14 +212,14 @@ from ztriton import LeakyReadout, SparseLIFLinear  # noqa: E402
 from ztriton.sparse import producer_of  # noqa: E402
 
 
-def _stack(backend, grad, seed=0, bias=False, path="sparse"):
+def _stack(backend, grad, seed=0, bias=False, path="sparse", gain=1.0):
     torch.manual_seed(seed)
     kwargs = dict(grad=grad, delta=0.3, path=path, backend=backend, bias=bias)
     layers = [SparseLIFLinear(24, 19, beta=0.9, **kwargs), SparseLIFLinear(19, 13, beta=0.8, **kwargs)]
     readout = LeakyReadout(13, 4, beta=0.85)
     with torch.no_grad():
         for layer in layers:
-            layer.weight.mul_(3)
+            layer.weight.mul_(3 * gain)
             if bias:
                 layer.bias.normal_(0.0, 0.2)
     return layers, readout
@@ -259,6 +275,26 @@ def test_triton_localzo_layer_matches_autograd_bptt_with_its_g():
     for a, b in zip(spikes, ref_spikes):
         assert (a != b.detach()).float().mean() <= 1e-3
     for a, b in zip(grads, [w.grad for w in weights] + [xi.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad", ["sparsegrad", "surrogate"])
+def test_triton_layer_takes_sparse_events_like_dense_input(grad):
+    """A sparse COO batch goes through the event-driven current; same spikes and gradients as dense."""
+    results = []
+    events = (torch.rand(14, 3, 24, generator=torch.Generator().manual_seed(2)) < 0.04).float()
+    for x in (events, events.to_sparse()):
+        layers, readout = _stack("triton", grad, bias=True, gain=3.0)
+        h, spikes = x, []
+        for layer in layers:
+            h = layer(h)
+            spikes.append(h)
+        (readout(h).amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in spikes)).backward()
+        results.append((spikes, [p.grad.clone() for layer in layers for p in layer.parameters()]))
+    assert 0.02 < results[0][0][0].mean() < 0.5 and 0.02 < results[0][0][1].mean() < 0.5
+    for a, b in zip(results[0][0], results[1][0]):
+        assert (a != b).float().mean() <= 1e-3  # the two currents differ in summation order only
+    for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

@@ -50,10 +50,10 @@ def spike_batch(t: np.ndarray, b: np.ndarray, n: np.ndarray, shape: tuple[int, i
 
 
 def row_pointer(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """CSR pointer over `count` rows for sorted row numbers (entries of row r: [ptr[r], ptr[r + 1]))."""
-    ptr = torch.zeros(count + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(torch.bincount(rows, minlength=count), 0, out=ptr[1:])
-    return ptr
+    """CSR pointer over `count` rows for sorted row numbers (entries of row r: [ptr[r], ptr[r + 1])),
+    by binary search: no host sync on a GPU."""
+    bounds = torch.arange(count + 1, dtype=rows.dtype, device=rows.device)
+    return torch.searchsorted(rows, bounds)
 
 
 def _from_sparse(x: torch.Tensor) -> Events:

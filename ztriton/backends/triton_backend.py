@@ -1,7 +1,8 @@
 """The Triton backend: a GPU, or the CPU under TRITON_INTERPRET=1 (tests).
 
 Every forward (LocalZO, SparseGrad, surrogate, inference) is one launch of the fused kernel of
-`kernels/lif_forward.py` after the input-current GEMM; it emits the compact active set itself
+`kernels/lif_forward.py` after the input current (a GEMM, or for a sparse COO batch of events the
+event-driven kernel of `kernels/event_current.py`); it emits the compact active set itself
 (the count is the one host sync of a layer). The backward runs the time filters, the CSR-by-neuron
 weight and bias gradient (input trace rebuilt in-kernel from checkpoints) and the input gradient
 at the upstream active entries as kernels. Launches per layer do not depend on T or on the active
@@ -15,13 +16,15 @@ import os
 
 import torch
 
-from ..events import dense
+from ..events import dense, events_of
 from ..distributions import FastSigmoid, Laplace, Normal, SurrogateDistribution, Uniform
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from .base import LIFConfig, LIFForward, Workspace
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: input density up to which a sparse COO input's current is summed over its events, not a GEMM
+EVENT_DENSITY = 0.05
 
 
 def sampler_args(law, device: torch.device) -> dict:
@@ -42,6 +45,16 @@ def sampler_args(law, device: torch.device) -> dict:
     raise ValueError(f"no Triton sampler for the distribution {law!r}")
 
 
+def input_current(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W x in the layer's dtype: event-driven from a sparse COO batch up to EVENT_DENSITY, else a GEMM."""
+    if x.is_sparse and x._nnz() <= EVENT_DENSITY * x.numel():  # _nnz is host-side: no sync
+        from ..kernels.event_current import event_current
+
+        events = events_of(x)
+        return event_current(events.row_ptr, events.cols, events.values, weight, x.shape[:2])
+    return torch.matmul(dense(x).to(weight.dtype), weight.t())
+
+
 class TritonBackend:
     name = "triton"
 
@@ -58,7 +71,7 @@ class TritonBackend:
         from ..kernels import lif_forward as kernel
 
         rule = cfg.rule
-        current = torch.matmul(dense(x).to(weight.dtype), weight.t())
+        current = input_current(x, weight)
         run = dict(bias=bias, spike_dtype=weight.dtype, capacity=workspace.hints.get("active"))
         if not needs_grad:
             out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.SPIKES, **run)
