@@ -5,10 +5,11 @@ neuron (eq. 1: u = beta u + W x - u_th s[t-1], soft reset, threshold 1) and the 
 (a fixed random projection of the last layer's spike counts); forward + backward are timed after
 a warm-up, medians of --repeats, in one process. The peers use their surrogate gradient on every
 entry; ztriton uses LocalZO (normal, delta 0.05, m 1) with its default backend ("auto": native
-on CPU), once with the input as events (a sparse COO tensor, as its data sets deliver it) and
+on CPU, Triton on CUDA), once with the input as events (a sparse COO tensor, as its data sets deliver it) and
 once dense. A peer that is not installed is skipped with a message.
 
     python bench/bench_peers.py                       # T 300, B 128 (about 1 minute on 2 cores)
+    python bench/bench_peers.py --device cuda         # on a GPU (ztriton's Triton backend)
     pip install snntorch && pip install --no-deps spikingjelly   # the peers (spikingjelly's
     # declared dependencies pull a torchvision that needs a newer torch; its neurons need only torch)
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import statistics
 import time
@@ -38,7 +40,8 @@ def make_weights(args):
 
 
 def ztriton_net(weights, beta):
-    layers = [SparseLIFLinear(w.shape[1], w.shape[0], beta=beta, grad="localzo", delta=0.05) for w in weights]
+    layers = [SparseLIFLinear(w.shape[1], w.shape[0], beta=beta, grad="localzo", delta=0.05).to(w.device)
+              for w in weights]
     with torch.no_grad():
         for layer, w in zip(layers, weights):
             layer.weight.copy_(w)
@@ -48,7 +51,7 @@ def ztriton_net(weights, beta):
 def snntorch_net(weights, beta):
     import snntorch as snn
 
-    linears = [nn.Linear(w.shape[1], w.shape[0], bias=False) for w in weights]
+    linears = [nn.Linear(w.shape[1], w.shape[0], bias=False).to(w.device) for w in weights]
     neurons = [snn.Leaky(beta=beta, threshold=1.0, reset_mechanism="subtract") for _ in weights]
     with torch.no_grad():
         for linear, w in zip(linears, weights):
@@ -75,13 +78,13 @@ def spikingjelly_net(weights, beta):
 
     modules = []
     for w in weights:
-        linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False).to(w.device)
         with torch.no_grad():
             linear.weight.copy_(w)
         # decay_input=False, v_reset=None: v = (1 - 1/tau) v + x, soft reset; 1 - 1/tau = beta
         modules += [linear, neuron.LIFNode(tau=1.0 / (1.0 - beta), decay_input=False, v_threshold=1.0, v_reset=None,
                                            detach_reset=True, step_mode="m")]
-    net = nn.Sequential(*modules)
+    net = nn.Sequential(*modules).to(weights[0].device)
 
     def forward(x):
         functional.reset_net(net)
@@ -96,12 +99,16 @@ def timed_step(forward, params, x, projection):
     for p in params:
         p.grad = None
     torch.manual_seed(0)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     out = forward(x)
     loss = (out.sum(0) * projection).sum()
+    sync()
     middle = time.perf_counter()
     loss.backward()
-    return middle - start, time.perf_counter() - middle, float(out.detach().mean())
+    sync()
+    return middle - start, time.perf_counter() - middle, float(out.detach().float().mean())
 
 
 def main(argv=None):
@@ -115,12 +122,14 @@ def main(argv=None):
     parser.add_argument("--gain", type=float, default=4.0, help="scale of the weights (sets the firing rate)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (ztriton then uses its Triton backend)")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     beta = math.exp(-0.2)
-    weights = make_weights(args)
+    weights = [w.to(args.device) for w in make_weights(args)]
     gen = torch.Generator().manual_seed(args.seed + 1)
-    x = (torch.rand(args.steps, args.batch, args.inputs, generator=gen) < args.input_rate).float()
-    projection = torch.randn(args.batch, args.hidden, generator=gen)
+    x = (torch.rand(args.steps, args.batch, args.inputs, generator=gen) < args.input_rate).float().to(args.device)
+    projection = torch.randn(args.batch, args.hidden, generator=gen).to(args.device)
     events = x.to_sparse()
 
     runs = {}
@@ -149,12 +158,18 @@ def main(argv=None):
     peers = [name for name in runs if not name.startswith("ztriton")]
     best = min((statistics.median(sum(t) for t in times[name]) for name in peers), default=None)
     print(f"{'framework':<24}{'forward ms':>12}{'backward ms':>13}{'step ms':>10}{'spike rate':>12}{'x best peer':>13}")
+    rows = {}
     for name in runs:
         fwd = statistics.median(t[0] for t in times[name]) * 1e3
         bwd = statistics.median(t[1] for t in times[name]) * 1e3
         step = statistics.median(sum(t) for t in times[name]) * 1e3
         ratio = "-" if best is None else f"{1e3 * best / step:.2f}"
+        rows[name] = {"forward_ms": fwd, "backward_ms": bwd, "step_ms": step, "spike_rate": rates[name],
+                      "speedup_vs_best_peer": None if best is None else 1e3 * best / step}
         print(f"{name:<24}{fwd:12.1f}{bwd:13.1f}{step:10.1f}{rates[name]:12.4f}{ratio:>13}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "backend": layers[0].stats["backend"], "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ztriton import LeakyReadout, SparseLIFLinear, spike_count  # noqa: E402
 from ztriton import rng  # noqa: E402
 from ztriton.counting import count_device_work  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the Triton interpreter
 #: the issue's budget for 2 hidden layers + readout + loss, forward and backward
 MAX_DEVICE_OPS = 120
 MAX_SYNCS = 3
@@ -41,7 +42,8 @@ def _network(grad, steps, seed=0, events=False):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.rand(steps, 6, 40, generator=gen) < (0.04 if events else 0.2)).float()  # events: below 5 %
     y = torch.randint(0, 5, (6,), generator=gen)
-    return layers, readout, x.to_sparse() if events else x, y
+    x = (x.to_sparse() if events else x).to(DEVICE)
+    return [layer.to(DEVICE) for layer in layers], readout.to(DEVICE), x, y.to(DEVICE)
 
 
 def _step(layers, readout, x, y):
@@ -82,7 +84,7 @@ def test_device_ops_and_syncs_per_step_do_not_grow_with_T(as_on_cuda, grad, path
 def test_counting_sees_syncs_launches_and_ops():
     from ztriton.kernels.time_filter import time_filter
 
-    x = torch.tensor([0.0, 1.0, 2.0])
+    x = torch.tensor([0.0, 1.0, 2.0], device=DEVICE)
     with count_device_work() as work:
         y = x * 2
         torch.nonzero(y)
@@ -90,7 +92,7 @@ def test_counting_sees_syncs_launches_and_ops():
         float(y.sum())
         y.tolist()
         y.view(3, 1)
-        time_filter(torch.ones(4, 3), 0.5)
+        time_filter(torch.ones(4, 3, device=DEVICE), 0.5)
     assert work.sync_names == {"nonzero": 1, "index": 1, "_local_scalar_dense": 1, "tolist": 1}
     assert work.op_names == {"mul": 1, "gt": 1, "sum": 1, "ones": 1}
     assert work.launches == 1 and work.kernel_names == {"time_filter_kernel": 1}

@@ -222,19 +222,20 @@ def _stack(backend, grad, seed=0, bias=False, path="sparse", gain=1.0):
             layer.weight.mul_(3 * gain)
             if bias:
                 layer.bias.normal_(0.0, 0.2)
-    return layers, readout
+    return [layer.to(DEVICE) for layer in layers], readout.to(DEVICE)
 
 
 def _run(layers, readout, x):
+    """Spikes (on the layers' device) and every gradient (on CPU) of one forward and backward."""
     torch.manual_seed(11)
-    xi = x.clone().requires_grad_(True)
+    xi = x.to(DEVICE).clone().requires_grad_(True)
     h, spikes = xi, []
     for layer in layers:
         h = layer(h)
         spikes.append(h)
     (readout(h).amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in spikes)).backward()
-    biases = [m.bias.grad.clone() for m in layers if m.bias is not None]
-    return spikes, [m.weight.grad.clone() for m in layers + [readout]] + biases + [xi.grad.clone()]
+    biases = [m.bias.grad for m in layers if m.bias is not None]
+    return spikes, [g.cpu() for g in [m.weight.grad for m in layers + [readout]] + biases + [xi.grad]]
 
 
 X = (torch.rand(14, 3, 24, generator=torch.Generator().manual_seed(2)) < 0.4).float()
@@ -264,16 +265,16 @@ def test_triton_localzo_layer_matches_autograd_bptt_with_its_g():
     assert all(layer.stats["backend"] == "triton" for layer in layers)
     assert 0 < layers[0].stats["active_fraction"] < 0.9
     xi = X.clone().requires_grad_(True)
-    weights = [m.weight.detach().clone().requires_grad_(True) for m in layers + [readout]]
+    weights = [m.weight.detach().cpu().requires_grad_(True) for m in layers + [readout]]
     h, ref_spikes = xi, []
     for layer, w, s in zip(layers, weights, spikes):
-        g = producer_of(s).dense()
+        g = producer_of(s).dense().cpu()
         h = reference_lif(h, w, None, layer.beta, layer.threshold, lambda v, t, g=g: FixedGrad.apply(v, g[t]))
         ref_spikes.append(h)
     out = reference_readout(h, weights[-1], readout.beta)
     (out.amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in ref_spikes)).backward()
     for a, b in zip(spikes, ref_spikes):
-        assert (a != b.detach()).float().mean() <= 1e-3
+        assert (a.cpu() != b.detach()).float().mean() <= 1e-3
     for a, b in zip(grads, [w.grad for w in weights] + [xi.grad]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -283,14 +284,14 @@ def test_triton_layer_takes_sparse_events_like_dense_input(grad):
     """A sparse COO batch goes through the event-driven current; same spikes and gradients as dense."""
     results = []
     events = (torch.rand(14, 3, 24, generator=torch.Generator().manual_seed(2)) < 0.04).float()
-    for x in (events, events.to_sparse()):
+    for x in (events.to(DEVICE), events.to_sparse().to(DEVICE)):
         layers, readout = _stack("triton", grad, bias=True, gain=3.0)
         h, spikes = x, []
         for layer in layers:
             h = layer(h)
             spikes.append(h)
         (readout(h).amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in spikes)).backward()
-        results.append((spikes, [p.grad.clone() for layer in layers for p in layer.parameters()]))
+        results.append((spikes, [p.grad.cpu() for layer in layers for p in layer.parameters()]))
     assert 0.02 < results[0][0][0].mean() < 0.5 and 0.02 < results[0][0][1].mean() < 0.5
     for a, b in zip(results[0][0], results[1][0]):
         assert (a != b).float().mean() <= 1e-3  # the two currents differ in summation order only
