@@ -39,3 +39,24 @@ def test_peers_benchmark_prints_its_table(capsys):
     assert "\nztriton (events)" in out and "\nztriton (dense input)" in out
     for peer in ("snntorch", "spikingjelly"):  # measured where installed, else named as skipped
         assert f"\n{peer} " in out or f"{peer}: not installed, skipped" in out
+
+
+def test_gpu_report_cost_model_on_a_small_shape():
+    import gpu_report
+
+    device = torch.device("cpu")
+    args = gpu_report.shape_args(steps=12, batch=4, inputs=30, hidden=16, classes=3)
+    # the eager BPTT's op count is linear in T: the extrapolation from T 4 and 8 is exact at T 12
+    (fwd_fixed, fwd_step), (bwd_fixed, bwd_step) = gpu_report.count_bptt(device)
+    model = bench_layer.build("bptt", gpu_report._small(12))
+    x, labels = bench_layer.batch(gpu_report._small(12))
+    forward, backward = gpu_report._phases(model, x, labels)
+    assert (forward.device_ops, backward.device_ops) == (fwd_fixed + 12 * fwd_step, bwd_fixed + 12 * bwd_step)
+    report = gpu_report.cost_model(device, gpu_report.GPUS["h200"], args)
+    engine = report["rows"]["engine (sparse, Triton)"]
+    assert engine["forward"]["syncs"] == 2 and engine["backward"]["syncs"] == 0  # one per layer: its active count
+    assert engine["forward"]["launches"] + engine["backward"]["launches"] == 12
+    for phase in ("forward", "backward"):
+        r = engine[phase]
+        assert r["total"] == r["launch"] + r["memory"] + r["compute"] > 0
+    assert "| eager BPTT backward |" in gpu_report.model_markdown(report, args)

@@ -50,13 +50,14 @@ SCRIPT = textwrap.dedent('''
         variants.append((time_filter.time_filter_kernel, dict(filter_sig, src_ptr=dtype),
                          dict(REVERSE=reverse, BLOCK=512)))
     for dtype in ("*fp32", "*bf16"):
-        variants.append((time_filter.trace_checkpoints_kernel, dict(filter_sig, src_ptr=dtype), dict(K=16, BLOCK=128)))
+        variants.append((time_filter.trace_checkpoints_kernel, dict(filter_sig, src_ptr=dtype),
+                         dict(K=sparse_weight_grad.CHECKPOINT_STEPS, BLOCK=128)))
     for dtype, bias in (("*fp32", False), ("*fp32", True), ("*fp16", True), ("*bf16", True)):
         variants.append((sparse_weight_grad.sparse_weight_grad_kernel,
                          {"x_ptr": dtype, "ckpt_ptr": "*fp32", "ds_ptr": "*fp32", "gain_ptr": "*fp32",
                           "rows_ptr": "*i64", "crow_ptr": "*i64", "out_ptr": "*fp32", "bias_ptr": "*fp32",
                           "n_in": "i32", "batch": "i32", "beta": "fp32"},
-                         dict(K=16, HAS_BIAS=bias, BLOCK_E=32, BLOCK_IN=128)))
+                         dict(K=sparse_weight_grad.CHECKPOINT_STEPS, HAS_BIAS=bias, BLOCK_E=32, BLOCK_IN=128)))
     for dtype in ("*fp32", "*fp16", "*bf16"):
         variants.append((event_current.event_current_kernel,
                          {"row_ptr_ptr": "*i64", "cols_ptr": "*i64", "values_ptr": "*fp32", "weight_t_ptr": dtype,

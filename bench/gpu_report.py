@@ -1,0 +1,364 @@
+"""One command for a GPU: tests, kernel benchmarks, the SHD step against BPTT and the peers, and a cost model.
+
+    python bench/gpu_report.py                 # on a GPU: everything (< 5 minutes), report in bench/results/
+    python bench/gpu_report.py --gpu h100      # the cost model's prediction for another GPU
+    python bench/gpu_report.py --model-only    # the cost model alone (what a machine without a GPU writes)
+
+It writes `gpu_report.md` (and the raw outputs) to --out. The cost model comes first and also runs
+without a GPU, so the prediction exists before the measurement. For the step of `bench_layer.py`
+(SHD shape: T 500, B 256, 700-200-200-20, LocalZO delta 0.05, input as events) it adds up
+
+- device ops: torch ops and Triton launches of one engine step, counted by `ztriton.counting` on a
+  small grid (they do not depend on T or on the active count: `tests/test_device_work.py`); for the
+  eager BPTT, counted at T 4 and 8 and extrapolated linearly in T;
+- bytes moved and flops of every kernel, from the shape and the activity measured on that batch
+  (weights are read from L2 and not counted; the weight gradient's input rows are counted as DRAM
+  reads, an upper bound);
+
+and predicts time = device ops x launch cost + bytes / (bandwidth x 0.8) + flops / (fp32 peak x 0.6)
+for the named GPU (spec-sheet peaks; launch cost 5 us per torch op, 10 us per Triton launch, as
+measured for eager PyTorch and Triton's Python launcher). Each term is printed, so a miss can be
+traced to the term that caused it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # count the Triton path through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch import nn  # noqa: E402
+
+import bench_layer  # noqa: E402
+import ztriton  # noqa: E402
+from ztriton import rng  # noqa: E402
+from ztriton.counting import DeviceWork, count_device_work  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bandwidth: float  # bytes / s, spec sheet
+    fp32: float  # flop / s without tensor cores, spec sheet
+
+
+GPUS = {
+    "h200": GPU("NVIDIA H200", 4.8e12, 67e12),
+    "h100": GPU("NVIDIA H100 SXM", 3.35e12, 67e12),
+    "a100": GPU("NVIDIA A100 80GB SXM", 2.04e12, 19.5e12),
+    "l4": GPU("NVIDIA L4", 0.3e12, 30e12),
+}
+TORCH_OP_S, TRITON_LAUNCH_S = 5e-6, 10e-6
+BANDWIDTH_USE, FLOPS_USE = 0.8, 0.6
+from ztriton.kernels.sparse_weight_grad import CHECKPOINT_STEPS  # noqa: E402
+
+
+@dataclass
+class Cost:
+    """One phase (forward or backward) of one step."""
+
+    ops: int = 0
+    launches: int = 0
+    syncs: int = 0
+    bytes: float = 0.0
+    flops: float = 0.0
+
+    def seconds(self, gpu: GPU) -> dict:
+        launch = self.ops * TORCH_OP_S + self.launches * TRITON_LAUNCH_S
+        memory = self.bytes / (gpu.bandwidth * BANDWIDTH_USE)
+        compute = self.flops / (gpu.fp32 * FLOPS_USE)
+        return {"launch": launch, "memory": memory, "compute": compute, "total": launch + memory + compute}
+
+
+def shape_args(steps=500, batch=256, inputs=700, hidden=200, classes=20):
+    """bench_layer.py's arguments (defaults: its SHD shape)."""
+    return argparse.Namespace(steps=steps, batch=batch, inputs=inputs, hidden=hidden, layers=2, classes=classes,
+                              delta=0.05, input_rate=0.02, gain=4.0, seed=0, device="cpu")
+
+
+#: the small grid on which ops are counted (the counts depend on neither T, widths nor activity)
+def _small(steps):
+    return shape_args(steps=steps, batch=8, inputs=40, hidden=32, classes=5)
+
+
+def _engine(args, device, backend):
+    model = bench_layer.build("sparse", args)
+    for layer in model:
+        layer.backend = backend
+    return model.to(device)
+
+
+def _phases(model, x, labels) -> tuple[DeviceWork, DeviceWork]:
+    with count_device_work() as forward:
+        logits = model(x).sum(0)
+        loss = nn.functional.cross_entropy(logits, labels)
+    with count_device_work() as backward:
+        loss.backward()
+    return forward, backward
+
+
+def count_engine(device) -> tuple[DeviceWork, DeviceWork]:
+    """Ops, launches and syncs of one engine step (Triton backend) on a small grid, after a warm-up.
+
+    On CPU the two CPU-only syncs are set as on CUDA (as in tests/test_device_work.py): the RNG key
+    comes from host-side state, and the inputs' NaN checks are off.
+    """
+    args = _small(16)
+    model = _engine(args, device, "triton")
+    x, labels = bench_layer.batch(args)
+    x, labels = x.to_sparse().to(device), labels.to(device)
+    next_key = rng.next_key
+    if device.type == "cpu":
+        keys = iter(range(10**9))
+        rng.next_key = lambda generator, where: rng.PhiloxKey(7, 4 * next(keys))
+        ztriton.set_value_checks(False)
+    try:
+        _phases(model, x, labels)
+        return _phases(model, x, labels)
+    finally:
+        rng.next_key = next_key
+        ztriton.set_value_checks(None)
+
+
+def count_bptt(device) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(forward, backward) device ops of the eager BPTT as (fixed, per time step)."""
+    counts = []
+    for t in (4, 8):
+        args = _small(t)
+        model = bench_layer.build("bptt", args).to(device)
+        x, labels = bench_layer.batch(args)
+        counts.append(_phases(model, x.to(device), labels.to(device)))
+    out = []
+    for phase in (0, 1):
+        at_4, at_8 = counts[0][phase].device_ops, counts[1][phase].device_ops
+        per_step = (at_8 - at_4) / 4
+        out.append((at_4 - 4 * per_step, per_step))
+    return tuple(out)
+
+
+def measure_activity(args, device) -> dict:
+    """Active fraction and spike rate of each hidden layer on the benchmark's batch, and the input density."""
+    backend = "triton" if device.type == "cuda" else "auto"
+    model = _engine(args, device, backend)
+    x, labels = bench_layer.batch(args)
+    x = x.to(device)
+    h, rates = x.to_sparse(), []
+    for layer in model[:-1]:
+        h = layer(h)
+        rates.append(float(h.detach().float().mean()))
+    nn.functional.cross_entropy(model[-1](h).sum(0), labels.to(device)).backward()
+    return {"active": [layer.stats["active_fraction"] for layer in model[:-1]], "rates": rates,
+            "input_density": float(x.mean())}
+
+
+def engine_traffic(args, activity) -> tuple[Cost, Cost]:
+    """Bytes and flops of the engine's sparse step (Triton backend), by kernel; see the module docstring."""
+    forward, backward = Cost(), Cost()
+    rows = args.steps * args.batch
+    widths = [args.inputs] + [args.hidden] * args.layers
+    for number, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        grid = rows * n_out
+        nnz = activity["active"][number] * grid
+        if number == 0:  # event-driven current: each event adds a row of W^T (W^T stays in L2: not counted)
+            events = activity["input_density"] * rows * n_in
+            forward.bytes += events * 16 + grid * 4
+            forward.flops += 2 * events * n_out
+            x_bytes = rows * n_in * 4  # the backward densifies the events once
+            backward.bytes += x_bytes
+        else:  # GEMM of the previous layer's spikes
+            forward.bytes += rows * n_in * 4 + grid * 4
+            forward.flops += 2 * rows * n_in * n_out
+            x_bytes = rows * n_in * 4
+        forward.bytes += grid * 4 * 2 + nnz * 12 * 3  # current in, spikes out, compact set + its sort
+        forward.flops += grid * 150  # Philox-10 and Box-Muller per neuron and step (integer ops as flops)
+        # weight gradient: checkpoints (read x, write T/K rows), then per active entry its checkpoint row and
+        # on average (K - 1) / 2 + 1 input rows (counted as DRAM reads: an upper bound, L2 may hold some)
+        per_entry = (CHECKPOINT_STEPS - 1) / 2 + 2
+        backward.bytes += x_bytes + x_bytes / CHECKPOINT_STEPS + nnz * per_entry * n_in * 4
+        backward.flops += 2 * nnz * per_entry * n_in
+        backward.bytes += grid * 4 * 3  # reverse filter of ds on the grid (zero, scatter, filter)
+        if number > 0:  # input gradient at the previous layer's active entries: a row of D (W^T in L2)
+            targets = activity["active"][number - 1] * rows * n_in
+            backward.bytes += targets * n_out * 4
+            backward.flops += 2 * targets * n_out
+    n, classes = args.hidden, args.classes
+    forward.bytes += rows * (n + classes * 3) * 4
+    forward.flops += 2 * rows * n * classes
+    backward.bytes += rows * (n + classes * 3) * 4 + activity["active"][-1] * rows * n * classes * 8
+    backward.flops += 2 * rows * n * classes
+    return forward, backward
+
+
+def bptt_traffic(args) -> tuple[Cost, Cost]:
+    """Bytes and flops of the eager BPTT: GEMMs, and about 8 (forward) / 16 (backward) passes over each
+    layer's (T, B, N) state (one per elementwise op of the unbound time loop)."""
+    forward, backward = Cost(), Cost()
+    rows = args.steps * args.batch
+    widths = [args.inputs] + [args.hidden] * args.layers + [args.classes]
+    for n_in, n_out in zip(widths[:-1], widths[1:]):
+        forward.flops += 2 * rows * n_in * n_out
+        backward.flops += 4 * rows * n_in * n_out  # dW and dx
+        forward.bytes += rows * (n_in + n_out) * 4 + 8 * rows * n_out * 4
+        backward.bytes += 2 * rows * (n_in + n_out) * 4 + 16 * rows * n_out * 4
+    return forward, backward
+
+
+def cost_model(device, gpu: GPU, args) -> dict:
+    engine_fwd, engine_bwd = count_engine(device)
+    (bptt_fwd_fixed, bptt_fwd_step), (bptt_bwd_fixed, bptt_bwd_step) = count_bptt(device)
+    activity = measure_activity(args, device)
+    fwd, bwd = engine_traffic(args, activity)
+    for cost, work in ((fwd, engine_fwd), (bwd, engine_bwd)):
+        cost.ops, cost.launches, cost.syncs = work.ops, work.launches, work.syncs
+    bptt_fwd, bptt_bwd = bptt_traffic(args)
+    bptt_fwd.ops = round(bptt_fwd_fixed + bptt_fwd_step * args.steps)
+    bptt_bwd.ops = round(bptt_bwd_fixed + bptt_bwd_step * args.steps)
+    rows = {}
+    for name, (f, b) in {"engine (sparse, Triton)": (fwd, bwd), "eager BPTT": (bptt_fwd, bptt_bwd)}.items():
+        rows[name] = {"forward": {**vars(f), **f.seconds(gpu)}, "backward": {**vars(b), **b.seconds(gpu)}}
+    engine, bptt = rows["engine (sparse, Triton)"], rows["eager BPTT"]
+    return {
+        "gpu": gpu.name, "activity": activity, "rows": rows,
+        "predicted_backward_speedup": bptt["backward"]["total"] / engine["backward"]["total"],
+        "predicted_overall_speedup": (bptt["forward"]["total"] + bptt["backward"]["total"])
+        / (engine["forward"]["total"] + engine["backward"]["total"]),
+    }
+
+
+def model_markdown(model: dict, args) -> str:
+    act = model["activity"]
+    lines = [
+        f"## Cost model: predicted for {model['gpu']}",
+        "",
+        f"Step of `bench_layer.py --events` (T {args.steps}, B {args.batch}, {args.inputs}-{args.hidden}-{args.hidden}-"
+        f"{args.classes}); input density {100 * act['input_density']:.2f} %, active "
+        + ", ".join(f"{100 * a:.3f} %" for a in act["active"]) + ", spike rate "
+        + ", ".join(f"{100 * r:.2f} %" for r in act["rates"]) + ".",
+        "",
+        "| step part | torch ops | Triton launches | host syncs | MB moved | GFLOP | launch ms | memory ms | compute ms | predicted ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in model["rows"].items():
+        for phase in ("forward", "backward"):
+            r = row[phase]
+            lines.append(
+                f"| {name} {phase} | {r['ops']} | {r['launches']} | {r['syncs']} | {r['bytes'] / 1e6:.0f} | "
+                f"{r['flops'] / 1e9:.1f} | {1e3 * r['launch']:.2f} | {1e3 * r['memory']:.2f} | "
+                f"{1e3 * r['compute']:.2f} | {1e3 * r['total']:.2f} |"
+            )
+    lines += ["", f"Predicted: backward {model['predicted_backward_speedup']:.0f}x, overall "
+              f"{model['predicted_overall_speedup']:.1f}x the eager BPTT.", ""]
+    return "\n".join(lines)
+
+
+def run(command: list[str], out: Path, name: str, timeout: int) -> dict:
+    """Run one part of the report; its output goes to out/name.log whatever happens."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        code, text = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        code, text = "timeout", (err.stdout or b"").decode() + (err.stderr or b"").decode()
+    (out / f"{name}.log").write_text(text)
+    return {"command": " ".join(command), "returncode": code, "seconds": time.perf_counter() - start,
+            "tail": "\n".join(text.strip().splitlines()[-25:])}
+
+
+def measured_markdown(model: dict, layer: dict | None, peers: dict | None) -> str:
+    lines = ["## Measured", ""]
+    if layer is not None:
+        rows = layer["rows"]
+        lines += ["`bench_layer.py --device cuda --events` (medians of 5):", "",
+                  "| method | forward ms | backward ms | overall ms | peak MiB | bwd x BPTT | all x BPTT |",
+                  "|---|---|---|---|---|---|---|"]
+        for method, r in rows.items():
+            peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+            lines.append(f"| {method} | {r['forward_ms']:.2f} | {r['backward_ms']:.2f} | {r['overall_ms']:.2f} | {peak} | "
+                         f"{r['backward_speedup_vs_bptt']:.1f} | {r['overall_speedup_vs_bptt']:.2f} |")
+        engine, bptt = model["rows"]["engine (sparse, Triton)"], model["rows"]["eager BPTT"]
+        lines += ["", "| quantity | predicted | measured | predicted / measured |", "|---|---|---|---|"]
+        pairs = [
+            ("engine forward ms", 1e3 * engine["forward"]["total"], rows["sparse"]["forward_ms"]),
+            ("engine backward ms", 1e3 * engine["backward"]["total"], rows["sparse"]["backward_ms"]),
+            ("BPTT forward ms", 1e3 * bptt["forward"]["total"], rows["bptt"]["forward_ms"]),
+            ("BPTT backward ms", 1e3 * bptt["backward"]["total"], rows["bptt"]["backward_ms"]),
+            ("backward speedup", model["predicted_backward_speedup"], rows["sparse"]["backward_speedup_vs_bptt"]),
+            ("overall speedup", model["predicted_overall_speedup"], rows["sparse"]["overall_speedup_vs_bptt"]),
+        ]
+        for name, predicted, measured in pairs:
+            lines.append(f"| {name} | {predicted:.2f} | {measured:.2f} | {predicted / measured:.2f} |")
+        lines.append("")
+    if peers is not None:
+        lines += ["`bench_peers.py --device cuda` (T 300, B 128):", "",
+                  "| framework | forward ms | backward ms | step ms | x best peer |", "|---|---|---|---|---|"]
+        for name, r in peers["rows"].items():
+            ratio = "-" if r["speedup_vs_best_peer"] is None else f"{r['speedup_vs_best_peer']:.2f}"
+            lines.append(f"| {name} | {r['forward_ms']:.2f} | {r['backward_ms']:.2f} | {r['step_ms']:.2f} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", choices=sorted(GPUS), help="GPU of the prediction (default: the one present, else h200)")
+    parser.add_argument("--model-only", action="store_true", help="only the cost model, no tests or benchmarks")
+    parser.add_argument("--out", default="bench/results", help="folder of gpu_report.md and the raw outputs")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    gpu_key = args.gpu
+    if gpu_key is None:
+        present = torch.cuda.get_device_name().lower() if cuda else ""
+        gpu_key = next((key for key in GPUS if key in present), "h200")
+    shape = shape_args()
+    import triton
+
+    header = [
+        "# ztriton GPU report", "",
+        f"{time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, triton {triton.__version__}, Python "
+        f"{platform.python_version()}; device: {torch.cuda.get_device_name() if cuda else 'none (cost model only)'}.",
+        "",
+    ]
+    model = cost_model(device, GPUS[gpu_key], shape)
+    sections = [model_markdown(model, shape)]
+    (out / "cost_model.json").write_text(json.dumps(model, indent=2))
+    if cuda and not args.model_only:
+        py = sys.executable
+        parts = {
+            "tests": run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                          "tests/test_device_work.py", "tests/test_rng.py"], out, "tests", 240),
+            "kernels": run([py, "bench/bench_kernels.py", "--quick", "--device", "cuda", "--out", str(out)],
+                           out, "kernels", 120),
+            "layer": run([py, "bench/bench_layer.py", "--device", "cuda", "--events", "--json",
+                          str(out / "layer.json")], out, "layer", 120),
+            "peers": run([py, "bench/bench_peers.py", "--device", "cuda", "--json", str(out / "peers.json")],
+                         out, "peers", 120),
+        }
+        layer = json.loads((out / "layer.json").read_text()) if (out / "layer.json").exists() else None
+        peers = json.loads((out / "peers.json").read_text()) if (out / "peers.json").exists() else None
+        sections.append(measured_markdown(model, layer, peers))
+        for name, part in parts.items():
+            sections.append(f"### {name}: exit {part['returncode']}, {part['seconds']:.0f} s\n\n`{part['command']}`\n\n"
+                            f"```\n{part['tail']}\n```\n")
+    report = "\n".join(header + sections)
+    (out / "gpu_report.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
