@@ -368,6 +368,27 @@ def test_bad_input(module, x, error, message):
         layer(x)
 
 
+def test_value_checks_switch():
+    """On by default on CPU; `set_value_checks(False)` (the CUDA default) skips the NaN/inf check."""
+    import ztriton
+    from ztriton._checks import value_checks
+
+    nan = torch.full((5, 2, 4), float("nan"))
+    assert value_checks(torch.device("cpu")) and not value_checks(torch.device("cuda"))
+    ztriton.set_value_checks(False)
+    try:
+        assert not value_checks(torch.device("cpu"))
+        assert torch.isnan(LeakyReadout(4, 3, beta=0.9)(nan)).all()  # NaN in, NaN out: unchecked
+        ztriton.set_value_checks(True)
+        assert value_checks(torch.device("cuda"))
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            SparseLIFLinear(4, 3, beta=0.9)(nan)
+        with pytest.raises(TypeError, match="enabled must be True, False or None, got 'yes'"):
+            ztriton.set_value_checks("yes")
+    finally:
+        ztriton.set_value_checks(None)
+
+
 def test_generator_on_another_device_is_refused():
     layer = SparseLIFLinear(4, 3, beta=0.9, generator=torch.Generator()).to("meta")
     with pytest.raises(ValueError, match="generator is on cpu but the layer's weights are on meta"):
