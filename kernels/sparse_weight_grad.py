@@ -32,7 +32,7 @@ CHECKPOINT_STEPS = 8
 def sparse_weight_grad_kernel(x_ptr, ckpt_ptr, ds_ptr, gain_ptr, rows_ptr, crow_ptr, out_ptr, bias_ptr,
                               n_in, batch, beta, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                               BLOCK_E: tl.constexpr, BLOCK_IN: tl.constexpr):
-    neuron = tl.program_id(0)
+    neuron = tl.program_id(0).to(tl.int64)
     col_block = tl.program_id(1)
     cols = (col_block * BLOCK_IN + tl.arange(0, BLOCK_IN)).to(tl.int64)
     col_mask = cols < n_in
