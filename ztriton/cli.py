@@ -65,9 +65,10 @@ def _train(args, given: dict[str, str]) -> int:
     try:
         summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     except Interrupted as stop:
-        print(stop, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 reports
+            print(stop, file=sys.stderr)
         return stop.code
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 reports
+    if os.environ.get("RANK", "0") != "0":
         return 0
     print(f"\n{'metric':<22}value")
     for key, value in summary.items():
