@@ -67,3 +67,16 @@ def test_event_batches_without_numba_are_the_same(monkeypatch):
     monkeypatch.setattr("ztriton.native.AVAILABLE", False)
     numpy_x, _ = data.batch(index)
     assert torch.equal(native_x._indices(), numpy_x._indices()) and numpy_x.is_coalesced()
+
+
+@pytest.mark.parametrize("count", [1, 7, 300])
+def test_row_pointer_by_counting_and_by_search_agree(count):
+    from ztriton.events import row_pointer, searched_row_pointer
+
+    rows = torch.sort(torch.randint(0, count, (count * 3,), generator=torch.Generator().manual_seed(count))).values
+    ptr = row_pointer(rows, count)
+    assert torch.equal(ptr, searched_row_pointer(rows, count))
+    assert ptr[0] == 0 and ptr[-1] == rows.numel()
+    assert torch.equal(ptr[1:] - ptr[:-1], torch.bincount(rows, minlength=count))
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(searched_row_pointer(empty, 4), torch.zeros(5, dtype=torch.int64))

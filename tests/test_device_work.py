@@ -4,7 +4,8 @@
 run) and the ops that would make the host wait for a GPU. Two things differ on CPU and are set as
 a GPU run has them: the RNG key (on CUDA it is the generator's seed and Philox offset, host-side
 state; on CPU a seed is drawn with one randint) and the inputs' NaN/inf checks (off by default on
-CUDA, `ztriton.set_value_checks`).
+CUDA, `ztriton.set_value_checks`), and the CSR row pointer of event input (counted on CPU,
+searched on CUDA).
 """
 
 import pytest
@@ -14,7 +15,7 @@ pytest.importorskip("triton")
 
 import ztriton  # noqa: E402
 from ztriton import LeakyReadout, SparseLIFLinear, spike_count  # noqa: E402
-from ztriton import rng  # noqa: E402
+from ztriton import events, rng  # noqa: E402
 from ztriton.counting import count_device_work  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the Triton interpreter
@@ -27,6 +28,7 @@ MAX_SYNCS = 3
 def as_on_cuda(monkeypatch):
     keys = iter(range(1_000_000))
     monkeypatch.setattr(rng, "next_key", lambda generator, device: rng.PhiloxKey(7, 4 * next(keys)))
+    monkeypatch.setattr(events, "row_pointer", events.searched_row_pointer)  # CPU counts, CUDA searches
     ztriton.set_value_checks(False)
     yield
     ztriton.set_value_checks(None)
@@ -47,7 +49,7 @@ def _network(grad, steps, seed=0, events=False):
 
 
 def _step(layers, readout, x, y):
-    hidden, h = [], x
+    hidden, h = [], x.clone()  # a fresh batch: nothing cached on it from the step before
     for layer in layers:
         h = layer(h)
         hidden.append(h)
