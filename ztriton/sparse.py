@@ -112,8 +112,9 @@ def values_at(grad: torch.Tensor, active: ActiveSet, dtype: torch.dtype) -> torc
         t, b, n = active.coo_indices
         return grad[t, b, n].to(dtype)
     indices, values = grad._indices(), grad._values().to(dtype)
-    if indices is active.coo_indices:
-        return values  # one consumer's gradient, aligned with the set
+    own = active.coo_indices
+    if indices.data_ptr() == own.data_ptr() and indices.shape == own.shape and indices.stride() == own.stride():
+        return values  # one consumer's gradient, built on the set's own indices: aligned with it
     out = torch.zeros(active.nnz, dtype=dtype, device=values.device)
     if active.nnz == 0:
         return out
