@@ -42,7 +42,7 @@ from torch import nn  # noqa: E402
 
 import bench_layer  # noqa: E402
 import ztriton  # noqa: E402
-from ztriton import rng  # noqa: E402
+from ztriton import events, rng  # noqa: E402
 from ztriton.counting import DeviceWork, count_device_work  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,23 +113,24 @@ def _phases(model, x, labels) -> tuple[DeviceWork, DeviceWork]:
 def count_engine(device) -> tuple[DeviceWork, DeviceWork]:
     """Ops, launches and syncs of one engine step (Triton backend) on a small grid, after a warm-up.
 
-    On CPU the two CPU-only syncs are set as on CUDA (as in tests/test_device_work.py): the RNG key
-    comes from host-side state, and the inputs' NaN checks are off.
+    On CPU what differs on CUDA is set as there (as in tests/test_device_work.py): the RNG key comes
+    from host-side state, the inputs' NaN checks are off, row pointers are searched, not counted.
     """
     args = _small(16)
     model = _engine(args, device, "triton")
     x, labels = bench_layer.batch(args)
     x, labels = x.to_sparse().to(device), labels.to(device)
-    next_key = rng.next_key
+    next_key, row_pointer = rng.next_key, events.row_pointer
     if device.type == "cpu":
         keys = iter(range(10**9))
         rng.next_key = lambda generator, where: rng.PhiloxKey(7, 4 * next(keys))
+        events.row_pointer = events.searched_row_pointer
         ztriton.set_value_checks(False)
     try:
         _phases(model, x, labels)
-        return _phases(model, x, labels)
+        return _phases(model, x.clone(), labels)  # a fresh batch: its events are not cached yet
     finally:
-        rng.next_key = next_key
+        rng.next_key, events.row_pointer = next_key, row_pointer
         ztriton.set_value_checks(None)
 
 
