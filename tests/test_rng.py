@@ -122,8 +122,8 @@ def test_keys_come_from_the_generator():
 
 
 def _layer_g(layer, x, generator_seed):
-    layer.generator = torch.Generator().manual_seed(generator_seed)
-    return producer_of(layer(x)).dense()
+    layer.generator = torch.Generator(device=x.device).manual_seed(generator_seed)
+    return producer_of(layer(x)).dense().cpu()
 
 
 @pytest.mark.parametrize("name", sorted(LAWS))
@@ -173,12 +173,13 @@ def test_gradients_do_not_depend_on_the_thread_count():
 
 def test_torch_and_triton_backends_draw_the_same_z_in_a_layer():
     torch.manual_seed(0)
-    layers = {b: SparseLIFLinear(24, 19, beta=0.9, delta=0.3, m=3, path="sparse", backend=b) for b in ("torch", "triton")}
+    layers = {b: SparseLIFLinear(24, 19, beta=0.9, delta=0.3, m=3, path="sparse", backend=b).to(DEVICE)
+              for b in ("torch", "triton")}
     layers["triton"].load_state_dict(layers["torch"].state_dict())
     with torch.no_grad():
         for layer in layers.values():
             layer.weight.mul_(3)
-    x = (torch.rand(30, 3, 24, generator=torch.Generator().manual_seed(2)) < 0.4).float()
+    x = (torch.rand(30, 3, 24, generator=torch.Generator().manual_seed(2)) < 0.4).float().to(DEVICE)
     g = {b: _layer_g(layer, x, 21) for b, layer in layers.items()}
     assert layers["triton"].stats["backend"] == "triton"
     agree = (g["torch"] != 0) == (g["triton"] != 0)
