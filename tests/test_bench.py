@@ -44,13 +44,13 @@ def test_peers_benchmark_prints_its_table(capsys):
 def test_gpu_report_cost_model_on_a_small_shape():
     import gpu_report
 
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the Triton interpreter
     args = gpu_report.shape_args(steps=12, batch=4, inputs=30, hidden=16, classes=3)
     # the eager BPTT's op count is linear in T: the extrapolation from T 4 and 8 is exact at T 12
     (fwd_fixed, fwd_step), (bwd_fixed, bwd_step) = gpu_report.count_bptt(device)
-    model = bench_layer.build("bptt", gpu_report._small(12))
+    model = bench_layer.build("bptt", gpu_report._small(12)).to(device)
     x, labels = bench_layer.batch(gpu_report._small(12))
-    forward, backward = gpu_report._phases(model, x, labels)
+    forward, backward = gpu_report._phases(model, x.to(device), labels.to(device))
     assert (forward.device_ops, backward.device_ops) == (fwd_fixed + 12 * fwd_step, bwd_fixed + 12 * bwd_step)
     report = gpu_report.cost_model(device, gpu_report.GPUS["h200"], args)
     engine = report["rows"]["engine (sparse, Triton)"]
