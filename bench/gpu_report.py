@@ -16,9 +16,10 @@ without a GPU, so the prediction exists before the measurement. For the step of 
   reads, an upper bound);
 
 and predicts time = device ops x launch cost + bytes / (bandwidth x 0.8) + flops / (fp32 peak x 0.6)
-for the named GPU (spec-sheet peaks; launch cost 5 us per torch op, 10 us per Triton launch, as
-measured for eager PyTorch and Triton's Python launcher). Each term is printed, so a miss can be
-traced to the term that caused it.
++ time-loop iterations x 0.6 us for the named GPU (spec-sheet peaks; launch cost 5 us per torch op,
+10 us per Triton launch, as measured for eager PyTorch and Triton's Python launcher; a kernel that
+walks the time axis pays about a DRAM round trip per step, or per tile of steps). Each term is
+printed, so a miss can be traced to the term that caused it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ GPUS = {
     "l4": GPU("NVIDIA L4", 0.3e12, 30e12),
 }
 TORCH_OP_S, TRITON_LAUNCH_S = 5e-6, 10e-6
+#: a kernel's dependent iteration along time (one tile of loads, then the recurrence) costs at least a
+#: DRAM round trip, whatever the bandwidth
+LOOP_STEP_S = 0.6e-6
 BANDWIDTH_USE, FLOPS_USE = 0.8, 0.6
 from ztriton.kernels.sparse_weight_grad import CHECKPOINT_STEPS  # noqa: E402
+from ztriton.kernels.time_filter import FILTER_TILE  # noqa: E402
 
 
 @dataclass
@@ -75,12 +80,15 @@ class Cost:
     syncs: int = 0
     bytes: float = 0.0
     flops: float = 0.0
+    loop_steps: float = 0.0  # dependent time-loop iterations of the kernels, one after another
 
     def seconds(self, gpu: GPU) -> dict:
         launch = self.ops * TORCH_OP_S + self.launches * TRITON_LAUNCH_S
         memory = self.bytes / (gpu.bandwidth * BANDWIDTH_USE)
         compute = self.flops / (gpu.fp32 * FLOPS_USE)
-        return {"launch": launch, "memory": memory, "compute": compute, "total": launch + memory + compute}
+        latency = self.loop_steps * LOOP_STEP_S
+        return {"launch": launch, "memory": memory, "compute": compute, "latency": latency,
+                "total": launch + memory + compute + latency}
 
 
 def shape_args(steps=500, batch=256, inputs=700, hidden=200, classes=20):
@@ -185,6 +193,8 @@ def engine_traffic(args, activity) -> tuple[Cost, Cost]:
             x_bytes = rows * n_in * 4
         forward.bytes += grid * 4 * 2 + nnz * 12 * 3  # current in, spikes out, compact set + its sort
         forward.flops += grid * 150  # Philox-10 and Box-Muller per neuron and step (integer ops as flops)
+        forward.loop_steps += args.steps  # the fused forward walks T steps
+        backward.loop_steps += args.steps / CHECKPOINT_STEPS  # checkpoints: one tile of K steps at a time
         # weight gradient: checkpoints (read x, write T/K rows), then per active entry its checkpoint row and
         # on average (K - 1) / 2 + 1 input rows (counted as DRAM reads: an upper bound, L2 may hold some)
         per_entry = (CHECKPOINT_STEPS - 1) / 2 + 2
@@ -194,8 +204,11 @@ def engine_traffic(args, activity) -> tuple[Cost, Cost]:
         if number > 0:  # input gradient at the previous layer's active entries: a row of D (W^T in L2)
             targets = activity["active"][number - 1] * rows * n_in
             backward.bytes += targets * n_out * 4
+            backward.loop_steps += args.steps / FILTER_TILE  # the reverse filter of ds
             backward.flops += 2 * targets * n_out
     n, classes = args.hidden, args.classes
+    forward.loop_steps += args.steps / FILTER_TILE  # the readout's filters, forward and reverse
+    backward.loop_steps += args.steps / FILTER_TILE
     forward.bytes += rows * (n + classes * 3) * 4
     forward.flops += 2 * rows * n * classes
     backward.bytes += rows * (n + classes * 3) * 4 + activity["active"][-1] * rows * n * classes * 8
@@ -249,8 +262,9 @@ def model_markdown(model: dict, args) -> str:
         + ", ".join(f"{100 * a:.3f} %" for a in act["active"]) + ", spike rate "
         + ", ".join(f"{100 * r:.2f} %" for r in act["rates"]) + ".",
         "",
-        "| step part | torch ops | Triton launches | host syncs | MB moved | GFLOP | launch ms | memory ms | compute ms | predicted ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| step part | torch ops | Triton launches | host syncs | MB moved | GFLOP | launch ms | memory ms | compute ms "
+        "| time-loop ms | predicted ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in model["rows"].items():
         for phase in ("forward", "backward"):
@@ -258,7 +272,7 @@ def model_markdown(model: dict, args) -> str:
             lines.append(
                 f"| {name} {phase} | {r['ops']} | {r['launches']} | {r['syncs']} | {r['bytes'] / 1e6:.0f} | "
                 f"{r['flops'] / 1e9:.1f} | {1e3 * r['launch']:.2f} | {1e3 * r['memory']:.2f} | "
-                f"{1e3 * r['compute']:.2f} | {1e3 * r['total']:.2f} |"
+                f"{1e3 * r['compute']:.2f} | {1e3 * r['latency']:.2f} | {1e3 * r['total']:.2f} |"
             )
     lines += ["", f"Predicted: backward {model['predicted_backward_speedup']:.0f}x, overall "
               f"{model['predicted_overall_speedup']:.1f}x the eager BPTT.", ""]

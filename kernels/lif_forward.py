@@ -1,7 +1,8 @@
 """Fused LIF forward: one Triton kernel over neurons with the time loop inside, for every grad mode.
 
 Each program owns BLOCK columns of the flattened (B * N) neuron grid and keeps their membrane in
-registers while it walks t = 0..T-1: it reads the input current I[t] (+ bias), applies eq. 1
+registers while it walks t = 0..T-1: it reads the input current I[t] (+ bias; I[t + 1] is already
+on its way while step t is computed), applies eq. 1
 (tracking v = u - u_th: v[t] = beta v[t-1] + I[t] - u_th (1 - beta) - u_th s[t-1], v[-1] = -u_th)
 and writes the spike. Beside the spikes it keeps, by `MODE`:
 - LOCALZO: draws the m samples |z| in-kernel and keeps g of eq. 7,
@@ -95,9 +96,12 @@ def lif_forward_kernel(
         bias = tl.zeros([BLOCK], tl.float32)
     v = tl.zeros([BLOCK], tl.float32) - threshold
     s = tl.zeros([BLOCK], tl.float32)
+    upcoming = tl.load(current_ptr + cols, mask=mask & (steps > 0), other=0.0)
     for t in range(steps):
         index = (tl.zeros_like(cols) + t) * n_cols + cols  # int64: flat positions may pass 2^31
-        i_t = tl.load(current_ptr + index, mask=mask, other=0.0).to(tl.float32) + bias
+        i_t = upcoming.to(tl.float32) + bias
+        # the next step's current is loaded before this step's work, so its latency overlaps it
+        upcoming = tl.load(current_ptr + index + n_cols, mask=mask & (t + 1 < steps), other=0.0)
         v = (i_t - leak) + beta * v - threshold * s
         s = (v > 0).to(tl.float32)
         tl.store(spikes_ptr + index, s, mask=mask)

@@ -5,9 +5,12 @@
 - trace checkpoints:      C[c]   = eps[c K - 1], C[0] = 0       (only every K-th trace row is kept;
   the weight-gradient kernel rebuilds eps[t] from C[t // K] and at most K input rows)
 
-One program per BLOCK columns of the flattened (B * N) grid, the time loop inside, the running
-value in registers; each column is independent, so results are deterministic. Flat offsets are
-int64 (T * B * N may pass 2^31).
+Time tiled: one program owns BLOCK columns of the flattened (B * N) grid and walks the time axis
+TILE steps at a time. It loads a whole [TILE, BLOCK] tile (TILE rows in flight instead of one
+dependent load per step), solves the recurrence inside the tile by a parallel scan of the pairs
+(beta^k, value) -- (a1, b1) then (a2, b2) combine to (a1 a2, b1 a2 + b2) -- adds the carry from the
+tile before times beta^(k+1), and stores. The scan's order is fixed, so results are deterministic.
+Flat offsets are int64 (T * B * N may pass 2^31).
 """
 
 from __future__ import annotations
@@ -22,47 +25,56 @@ TARGET_PROGRAMS = 264
 
 def column_block(n_cols: int, device: torch.device, largest: int = 512, smallest: int = 32) -> int:
     """The largest power-of-two block <= `largest` that still gives TARGET_PROGRAMS programs on a GPU;
-    `largest` under the interpreter (CPU), which runs programs one after another."""
-    block = largest
+    INTERPRETER_BLOCK on CPU, where the interpreter runs programs one after another."""
     if device.type != "cuda":
-        return block
+        return INTERPRETER_BLOCK
+    block = largest
     while block > smallest and triton.cdiv(n_cols, block) < TARGET_PROGRAMS:
         block //= 2
     return block
 
 
-@triton.jit
-def _offsets(t, n_cols, cols):
-    """int64 flat offsets of row t (any integer scalar) at `cols` (int64)."""
-    return (tl.zeros_like(cols) + t) * n_cols + cols
+#: column block under the interpreter (few, large programs run fastest there)
+INTERPRETER_BLOCK = 512
+#: the filters' largest column block on a GPU: a [TILE, 128] tile is 16 values per thread of 4 warps
+FILTER_BLOCK = 128
 
 
 @triton.jit
-def time_filter_kernel(src_ptr, dst_ptr, n_cols, steps, beta, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+def _scan_pairs(a1, b1, a2, b2):
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def time_filter_kernel(src_ptr, dst_ptr, n_cols, steps, beta, REVERSE: tl.constexpr, CHECKPOINTS: tl.constexpr,
+                       TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """The filter on every row (CHECKPOINTS False), or only the carry at each tile's start, which is
+    C[c] of the trace for TILE = K (CHECKPOINTS True, forward only)."""
     cols = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = cols < n_cols
-    acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(steps):
+    rows = tl.arange(0, TILE).to(tl.int64)
+    decay = tl.zeros([TILE, BLOCK], tl.float32) + beta
+    carry = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, steps, TILE):
+        step = rows + start  # position along the direction of the filter
         if REVERSE:
-            t = steps - 1 - i
+            t = steps - 1 - step
         else:
-            t = i
-        offsets = _offsets(t, n_cols, cols)
-        acc = tl.load(src_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + beta * acc
-        tl.store(dst_ptr + offsets, acc, mask=mask)
+            t = step
+        tile_mask = (step < steps)[:, None] & mask[None, :]
+        offsets = t[:, None] * n_cols + cols[None, :]
+        if CHECKPOINTS:
+            tl.store(dst_ptr + (start // TILE) * n_cols + cols, carry, mask=mask)
+        x = tl.load(src_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        power, y = tl.associative_scan((decay, x), 0, _scan_pairs)
+        y += power * carry[None, :]
+        if not CHECKPOINTS:
+            tl.store(dst_ptr + offsets, y, mask=tile_mask)
+        carry = tl.sum(tl.where((rows == TILE - 1)[:, None], y, 0.0), axis=0)
 
 
-@triton.jit
-def trace_checkpoints_kernel(src_ptr, dst_ptr, n_cols, steps, beta, K: tl.constexpr, BLOCK: tl.constexpr):
-    cols = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mask = cols < n_cols
-    acc = tl.zeros([BLOCK], tl.float32)
-    tl.store(dst_ptr + cols, acc, mask=mask)
-    for t in range(steps - 1):  # the last step's trace starts no chunk
-        offsets = _offsets(t, n_cols, cols)
-        acc = tl.load(src_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + beta * acc
-        if (t + 1) % K == 0:
-            tl.store(dst_ptr + _offsets((t + 1) // K, n_cols, cols), acc, mask=mask)
+#: time steps per tile of the filters
+FILTER_TILE = 16
 
 
 def time_filter(src: torch.Tensor, beta: float, reverse: bool = False, block: int | None = None) -> torch.Tensor:
@@ -71,22 +83,24 @@ def time_filter(src: torch.Tensor, beta: float, reverse: bool = False, block: in
     dst = torch.empty(src.shape, dtype=torch.float32, device=src.device)
     n_cols = src[0].numel() if src.shape[0] else 0
     if n_cols:
-        block = block or column_block(n_cols, src.device)
+        block = block or column_block(n_cols, src.device, largest=FILTER_BLOCK)
         time_filter_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, src.shape[0], float(beta),
-                                                          REVERSE=reverse, BLOCK=block)
+                                                          REVERSE=reverse, CHECKPOINTS=False, TILE=FILTER_TILE,
+                                                          BLOCK=block)
     return dst
 
 
 def trace_checkpoints(src: torch.Tensor, beta: float, k: int, block: int | None = None) -> torch.Tensor:
-    """C (ceil(T / k), ...) float32: C[c] = eps[c k - 1], the forward trace before step c k (C[0] = 0)."""
+    """C (ceil(T / k), ...) float32: C[c] = eps[c k - 1], the forward trace before step c k (C[0] = 0).
+    `k` must be a power of two (it is the kernel's tile)."""
     src = src.contiguous()
     steps = src.shape[0]
     dst = torch.empty((triton.cdiv(steps, k),) + src.shape[1:], dtype=torch.float32, device=src.device)
     n_cols = src[0].numel() if steps else 0
     if n_cols:
-        block = block or column_block(n_cols, src.device)
-        trace_checkpoints_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, steps, float(beta), K=k,
-                                                                BLOCK=block)
+        block = block or column_block(n_cols, src.device, largest=FILTER_BLOCK)
+        time_filter_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, steps, float(beta), REVERSE=False,
+                                                          CHECKPOINTS=True, TILE=k, BLOCK=block)
     return dst
 
 
