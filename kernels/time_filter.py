@@ -7,13 +7,15 @@
 
 Time tiled: one program owns BLOCK columns of the flattened (B * N) grid and walks the time axis
 TILE steps at a time. It loads a whole [TILE, BLOCK] tile (TILE rows in flight instead of one
-dependent load per step), solves the recurrence inside the tile by a parallel scan of the pairs
-(beta^k, value) -- (a1, b1) then (a2, b2) combine to (a1 a2, b1 a2 + b2) -- adds the carry from the
-tile before times beta^(k+1), and stores. The scan's order is fixed, so results are deterministic.
+dependent load per step), solves the recurrence inside the tile as one product with the
+lower-triangular matrix L[k, j] = beta^(k-j) (fp32, IEEE: no TF32), adds the carry from the tile
+before times beta^(k+1), and stores. The order of every sum is fixed: results are deterministic.
 Flat offsets are int64 (T * B * N may pass 2^31).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -41,20 +43,20 @@ FILTER_BLOCK = 128
 
 
 @triton.jit
-def _scan_pairs(a1, b1, a2, b2):
-    return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
-def time_filter_kernel(src_ptr, dst_ptr, n_cols, steps, beta, REVERSE: tl.constexpr, CHECKPOINTS: tl.constexpr,
-                       TILE: tl.constexpr, BLOCK: tl.constexpr):
-    """The filter on every row (CHECKPOINTS False), or only the carry at each tile's start, which is
-    C[c] of the trace for TILE = K (CHECKPOINTS True, forward only)."""
+def time_filter_kernel(src_ptr, dst_ptr, n_cols, steps, log2_beta, REVERSE: tl.constexpr,
+                       CHECKPOINTS: tl.constexpr, K: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """The filter on every row (CHECKPOINTS False), or only the trace rows eps[c K - 1] as C[c]
+    (CHECKPOINTS True, forward only)."""
     cols = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = cols < n_cols
     rows = tl.arange(0, TILE).to(tl.int64)
-    decay = tl.zeros([TILE, BLOCK], tl.float32) + beta
+    lag = (rows[:, None] - rows[None, :]).to(tl.float32)
+    # inside a tile y = L x + beta^(k+1) carry, with L[k, j] = beta^(k-j) for j <= k
+    within = tl.where(lag > 0, tl.exp2(tl.maximum(lag, 1.0) * log2_beta), tl.where(lag == 0, 1.0, 0.0))
+    power = tl.exp2((rows + 1).to(tl.float32) * log2_beta)
     carry = tl.zeros([BLOCK], tl.float32)
+    if CHECKPOINTS:
+        tl.store(dst_ptr + cols, carry, mask=mask)  # C[0] = 0
     for start in range(0, steps, TILE):
         step = rows + start  # position along the direction of the filter
         if REVERSE:
@@ -62,15 +64,19 @@ def time_filter_kernel(src_ptr, dst_ptr, n_cols, steps, beta, REVERSE: tl.conste
         else:
             t = step
         tile_mask = (step < steps)[:, None] & mask[None, :]
-        offsets = t[:, None] * n_cols + cols[None, :]
-        if CHECKPOINTS:
-            tl.store(dst_ptr + (start // TILE) * n_cols + cols, carry, mask=mask)
-        x = tl.load(src_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-        power, y = tl.associative_scan((decay, x), 0, _scan_pairs)
-        y += power * carry[None, :]
-        if not CHECKPOINTS:
-            tl.store(dst_ptr + offsets, y, mask=tile_mask)
+        x = tl.load(src_ptr + t[:, None] * n_cols + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        y = tl.dot(within, x, input_precision="ieee") + power[:, None] * carry[None, :]
+        if CHECKPOINTS:  # eps[t] is C[(t + 1) / K] where t + 1 is a multiple of K below T
+            done = step + 1
+            keep = (done % K == 0) & (done < steps)
+            tl.store(dst_ptr + (done // K)[:, None] * n_cols + cols[None, :], y, mask=keep[:, None] & mask[None, :])
+        else:
+            tl.store(dst_ptr + t[:, None] * n_cols + cols[None, :], y, mask=tile_mask)
         carry = tl.sum(tl.where((rows == TILE - 1)[:, None], y, 0.0), axis=0)
+
+
+def _log2(beta: float) -> float:
+    return -math.inf if beta == 0 else math.log2(beta)
 
 
 #: time steps per tile of the filters
@@ -84,23 +90,22 @@ def time_filter(src: torch.Tensor, beta: float, reverse: bool = False, block: in
     n_cols = src[0].numel() if src.shape[0] else 0
     if n_cols:
         block = block or column_block(n_cols, src.device, largest=FILTER_BLOCK)
-        time_filter_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, src.shape[0], float(beta),
-                                                          REVERSE=reverse, CHECKPOINTS=False, TILE=FILTER_TILE,
+        time_filter_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, src.shape[0], _log2(beta),
+                                                          REVERSE=reverse, CHECKPOINTS=False, K=1, TILE=FILTER_TILE,
                                                           BLOCK=block)
     return dst
 
 
 def trace_checkpoints(src: torch.Tensor, beta: float, k: int, block: int | None = None) -> torch.Tensor:
-    """C (ceil(T / k), ...) float32: C[c] = eps[c k - 1], the forward trace before step c k (C[0] = 0).
-    `k` must be a power of two (it is the kernel's tile)."""
+    """C (ceil(T / k), ...) float32: C[c] = eps[c k - 1], the forward trace before step c k (C[0] = 0)."""
     src = src.contiguous()
     steps = src.shape[0]
     dst = torch.empty((triton.cdiv(steps, k),) + src.shape[1:], dtype=torch.float32, device=src.device)
     n_cols = src[0].numel() if steps else 0
     if n_cols:
         block = block or column_block(n_cols, src.device, largest=FILTER_BLOCK)
-        time_filter_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, steps, float(beta), REVERSE=False,
-                                                          CHECKPOINTS=True, TILE=k, BLOCK=block)
+        time_filter_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, steps, _log2(beta), REVERSE=False,
+                                                          CHECKPOINTS=True, K=k, TILE=FILTER_TILE, BLOCK=block)
     return dst
 
 

@@ -45,13 +45,14 @@ SCRIPT = textwrap.dedent('''
                      {"out_ptr": "*fp32", "n": "i32", "seed": "i64", "offset": "i64", "k": "i32",
                       "dist_param": "fp32", "cdf_ptr": "*fp32", "abs_z_ptr": "*fp32"},
                      dict(DIST=F.NORMAL, TABLE_SIZE=2, SEARCH_STEPS=1, BLOCK=1024)))
-    filter_sig = {"src_ptr": None, "dst_ptr": "*fp32", "n_cols": "i32", "steps": "i32", "beta": "fp32"}
+    filter_sig = {"src_ptr": None, "dst_ptr": "*fp32", "n_cols": "i32", "steps": "i32", "log2_beta": "fp32"}
     for reverse, dtype in itertools.product((False, True), ("*fp32", "*fp16")):
         variants.append((time_filter.time_filter_kernel, dict(filter_sig, src_ptr=dtype),
-                         dict(REVERSE=reverse, CHECKPOINTS=False, TILE=time_filter.FILTER_TILE, BLOCK=128)))
+                         dict(REVERSE=reverse, CHECKPOINTS=False, K=1, TILE=time_filter.FILTER_TILE, BLOCK=128)))
     for dtype in ("*fp32", "*bf16"):
         variants.append((time_filter.time_filter_kernel, dict(filter_sig, src_ptr=dtype),
-                         dict(REVERSE=False, CHECKPOINTS=True, TILE=sparse_weight_grad.CHECKPOINT_STEPS, BLOCK=128)))
+                         dict(REVERSE=False, CHECKPOINTS=True, K=sparse_weight_grad.CHECKPOINT_STEPS,
+                              TILE=time_filter.FILTER_TILE, BLOCK=128)))
     for dtype, bias in (("*fp32", False), ("*fp32", True), ("*fp16", True), ("*bf16", True)):
         variants.append((sparse_weight_grad.sparse_weight_grad_kernel,
                          {"x_ptr": dtype, "ckpt_ptr": "*fp32", "ds_ptr": "*fp32", "gain_ptr": "*fp32",

@@ -26,13 +26,15 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3,
 Z = 5.0  # standard errors allowed in statistical checks
 
 
-@pytest.mark.parametrize("shape", [(1, 5), (7, 3, 11), (13, 300)])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3, 11), (13, 300), (50, 2, 3)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_time_filter(shape, reverse, dtype):
+@pytest.mark.parametrize("beta", [0.83, 1.0, 0.0])
+def test_time_filter(shape, reverse, dtype, beta):
+    """Time tiles of 16 steps: T below, at and across several tiles; beta at its limits."""
     src = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype).to(DEVICE)
-    out = time_filter(src, 0.83, reverse=reverse)
-    ref = time_filter_reference(src.cpu(), 0.83, reverse=reverse)
+    out = time_filter(src, beta, reverse=reverse)
+    ref = time_filter_reference(src.cpu(), beta, reverse=reverse)
     torch.testing.assert_close(out.cpu().double(), ref, **TOL[torch.float32])
 
 
