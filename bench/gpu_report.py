@@ -194,7 +194,7 @@ def engine_traffic(args, activity) -> tuple[Cost, Cost]:
         forward.bytes += grid * 4 * 2 + nnz * 12 * 3  # current in, spikes out, compact set + its sort
         forward.flops += grid * 150  # Philox-10 and Box-Muller per neuron and step (integer ops as flops)
         forward.loop_steps += args.steps  # the fused forward walks T steps
-        backward.loop_steps += args.steps / CHECKPOINT_STEPS  # checkpoints: one tile of K steps at a time
+        backward.loop_steps += args.steps / FILTER_TILE  # checkpoints: one tile of steps at a time
         # weight gradient: checkpoints (read x, write T/K rows), then per active entry its checkpoint row and
         # on average (K - 1) / 2 + 1 input rows (counted as DRAM reads: an upper bound, L2 may hold some)
         per_entry = (CHECKPOINT_STEPS - 1) / 2 + 2
