@@ -12,8 +12,8 @@ without a GPU, so the prediction exists before the measurement. For the step of 
   small grid (they do not depend on T or on the active count: `tests/test_device_work.py`); for the
   eager BPTT, counted at T 4 and 8 and extrapolated linearly in T;
 - bytes moved and flops of every kernel, from the shape and the activity measured on that batch
-  (weights are read from L2 and not counted; the weight gradient's input rows are counted as DRAM
-  reads, an upper bound);
+  (weights are read from L2 and not counted; the rows the weight gradients gather are counted as
+  DRAM reads, an upper bound);
 
 and predicts time = device ops x launch cost + bytes / (bandwidth x 0.8) + flops / (fp32 peak x 0.6)
 + time-loop iterations x 0.6 us for the named GPU (spec-sheet peaks; launch cost 5 us per torch op,
@@ -185,26 +185,31 @@ def engine_traffic(args, activity) -> tuple[Cost, Cost]:
             events = activity["input_density"] * rows * n_in
             forward.bytes += events * 16 + grid * 4
             forward.flops += 2 * events * n_out
-            x_bytes = rows * n_in * 4  # the backward densifies the events once
-            backward.bytes += x_bytes
         else:  # GEMM of the previous layer's spikes
             forward.bytes += rows * n_in * 4 + grid * 4
             forward.flops += 2 * rows * n_in * n_out
-            x_bytes = rows * n_in * 4
         forward.bytes += grid * 4 * 2 + nnz * 12 * 3  # current in, spikes out, compact set + its sort
         forward.flops += grid * 150  # Philox-10 and Box-Muller per neuron and step (integer ops as flops)
         forward.loop_steps += args.steps  # the fused forward walks T steps
-        backward.loop_steps += args.steps / FILTER_TILE  # checkpoints: one tile of steps at a time
-        # weight gradient: checkpoints (read x, write T/K rows), then per active entry its checkpoint row and
-        # on average (K - 1) / 2 + 1 input rows (counted as DRAM reads: an upper bound, L2 may hold some)
-        per_entry = (CHECKPOINT_STEPS - 1) / 2 + 2
-        backward.bytes += x_bytes + x_bytes / CHECKPOINT_STEPS + nnz * per_entry * n_in * 4
-        backward.flops += 2 * nnz * per_entry * n_in
-        backward.bytes += grid * 4 * 3  # reverse filter of ds on the grid (zero, scatter, filter)
-        if number > 0:  # input gradient at the previous layer's active entries: a row of D (W^T in L2)
+        # D, the reverse filter of ds on the grid (zero, scatter, filter): for the weight gradient over
+        # events (layer 1) or for the input gradient (the others)
+        backward.bytes += grid * 4 * 3
+        backward.loop_steps += args.steps / FILTER_TILE
+        if number == 0:  # weight gradient over the events: a row of D per event, the events sorted by column
+            backward.bytes += events * n_out * 4 + events * 32
+            backward.flops += 2 * events * n_out
+        else:
+            # weight gradient by active entry: checkpoints (read x, write T/K rows), then per entry its
+            # checkpoint row and on average (K - 1) / 2 + 1 input rows (counted as DRAM reads: an upper
+            # bound, L2 may hold some)
+            x_bytes = rows * n_in * 4
+            per_entry = (CHECKPOINT_STEPS - 1) / 2 + 2
+            backward.bytes += x_bytes + x_bytes / CHECKPOINT_STEPS + nnz * per_entry * n_in * 4
+            backward.flops += 2 * nnz * per_entry * n_in
+            backward.loop_steps += args.steps / FILTER_TILE
+            # input gradient at the previous layer's active entries: a row of D each (W^T in L2)
             targets = activity["active"][number - 1] * rows * n_in
             backward.bytes += targets * n_out * 4
-            backward.loop_steps += args.steps / FILTER_TILE  # the reverse filter of ds
             backward.flops += 2 * targets * n_out
     n, classes = args.hidden, args.classes
     forward.loop_steps += args.steps / FILTER_TILE  # the readout's filters, forward and reverse

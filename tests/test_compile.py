@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from ztriton.kernels import event_current, lif_forward, sparse_input_grad, sparse_weight_grad, time_filter
+    from ztriton.kernels import (event_current, event_weight_grad, lif_forward, sparse_input_grad,
+                                 sparse_weight_grad, time_filter)
 
     F = lif_forward
     def forward(mode, dist=F.NORMAL, m=1, alpha=1, current="*fp32", spikes="*fp32", bias=False):
@@ -63,6 +64,10 @@ SCRIPT = textwrap.dedent('''
         variants.append((event_current.event_current_kernel,
                          {"row_ptr_ptr": "*i64", "cols_ptr": "*i64", "values_ptr": "*fp32", "weight_t_ptr": dtype,
                           "out_ptr": dtype, "n_out": "i32"}, dict(BLOCK_N=128)))
+    for dtype in ("*fp32", "*fp16"):
+        variants.append((event_weight_grad.event_weight_grad_kernel,
+                         {"filtered_ptr": "*fp32", "rows_ptr": "*i64", "values_ptr": dtype, "col_ptr_ptr": "*i64",
+                          "out_ptr": "*fp32", "n_out": "i32", "n_in": "i32"}, dict(BLOCK_E=32, BLOCK_O=128)))
     variants.append((sparse_input_grad.sparse_input_grad_kernel,
                      {"filtered_ptr": "*fp32", "weight_t_ptr": "*fp32", "rows_ptr": "*i64", "inputs_ptr": "*i64",
                       "out_ptr": "*fp32", "n_targets": "i32", "n_out": "i32"},
@@ -81,4 +86,4 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 2 * 32  # 17 forward, 3 event current, 1 sampler, 6 filter, 5 gradient
+    assert done.stdout.count("compiled") == 2 * 34  # 17 forward, 3 event current, 1 sampler, 6 filter, 7 gradient

@@ -3,9 +3,10 @@
 Every forward (LocalZO, SparseGrad, surrogate, inference) is one launch of the fused kernel of
 `kernels/lif_forward.py` after the input current (a GEMM, or for a sparse COO batch of events the
 event-driven kernel of `kernels/event_current.py`); it emits the compact active set itself
-(the count is the one host sync of a layer). The backward runs the time filters, the CSR-by-neuron
-weight and bias gradient (input trace rebuilt in-kernel from checkpoints) and the input gradient
-at the upstream active entries as kernels. Launches per layer do not depend on T or on the active
+(the count is the one host sync of a layer). The backward runs the time filters, the weight
+and bias gradient (for a batch of events over its events, D^T x; else CSR by neuron with the input
+trace rebuilt in-kernel from checkpoints) and the input gradient at the upstream active entries
+as kernels. Launches per layer do not depend on T or on the active
 count. Kernels are imported on first use, so this module imports without Triton.
 """
 
@@ -45,9 +46,14 @@ def sampler_args(law, device: torch.device) -> dict:
     raise ValueError(f"no Triton sampler for the distribution {law!r}")
 
 
+def _event_input(x: torch.Tensor) -> bool:
+    """A sparse COO batch of at most EVENT_DENSITY (its _nnz is known on the host: no sync)."""
+    return x.is_sparse and x._nnz() <= EVENT_DENSITY * x.numel()
+
+
 def input_current(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """W x in the layer's dtype: event-driven from a sparse COO batch up to EVENT_DENSITY, else a GEMM."""
-    if x.is_sparse and x._nnz() <= EVENT_DENSITY * x.numel():  # _nnz is host-side: no sync
+    if _event_input(x):
         from ..kernels.event_current import event_current
 
         events = events_of(x)
@@ -93,9 +99,19 @@ class TritonBackend:
 
     @staticmethod
     def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, bias: bool, workspace: Workspace):
-        from ..kernels.sparse_weight_grad import sparse_weight_grad
+        """Sparse events up to EVENT_DENSITY: dW = D^T x over the input events (D the reverse filter of
+        ds, db its sum); otherwise by active entry, the trace rebuilt from checkpoints."""
+        if _event_input(x):
+            from ..kernels.event_weight_grad import event_weight_grad
 
-        grad_w, grad_b = sparse_weight_grad(dense(x), ds, active.rows, active.neurons, weight_shape[0], beta, bias)
+            filtered = TritonBackend.filtered_grad(ds.float(), active, beta)
+            events = events_of(x)
+            grad_w = event_weight_grad(filtered, events.row_ptr, events.cols, events.values, weight_shape[1])
+            grad_b = filtered.sum((0, 1)) if bias else None
+        else:
+            from ..kernels.sparse_weight_grad import sparse_weight_grad
+
+            grad_w, grad_b = sparse_weight_grad(dense(x), ds, active.rows, active.neurons, weight_shape[0], beta, bias)
         return grad_w.to(ds.dtype), None if grad_b is None else grad_b.to(ds.dtype)
 
     @staticmethod
