@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_weight_grad import group_by
+
 
 @triton.jit
 def event_weight_grad_kernel(filtered_ptr, rows_ptr, values_ptr, col_ptr_ptr, out_ptr, n_out, n_in,
@@ -45,8 +47,7 @@ def event_weight_grad(filtered: torch.Tensor, row_ptr: torch.Tensor, cols: torch
     count = cols.numel()
     # each event's row, then the events grouped by column: binary searches and one stable sort, no sync
     rows = torch.searchsorted(row_ptr, torch.arange(count, device=cols.device), right=True) - 1
-    sorted_cols, order = torch.sort(cols, stable=True)
-    col_ptr = torch.searchsorted(sorted_cols, torch.arange(n_in + 1, dtype=cols.dtype, device=cols.device))
+    col_ptr, order = group_by(cols, n_in)
     if n_out and n_in:
         event_weight_grad_kernel[(n_in, triton.cdiv(n_out, block_o))](
             filtered, rows[order].contiguous(), values[order].contiguous(), col_ptr, out, n_out, n_in,

@@ -65,11 +65,12 @@ def sparse_weight_grad_kernel(x_ptr, ckpt_ptr, ds_ptr, gain_ptr, rows_ptr, crow_
             tl.store(bias_ptr + neuron, tl.sum(bias_acc, axis=0))
 
 
-def csr_by_neuron(rows: torch.Tensor, neurons: torch.Tensor, n_out: int):
-    """(crow, order): entries grouped by output neuron by a stable sort (deterministic, no host sync)."""
-    sorted_neurons, order = torch.sort(neurons, stable=True)
-    bounds = torch.arange(n_out + 1, dtype=sorted_neurons.dtype, device=rows.device)
-    return torch.searchsorted(sorted_neurons, bounds), order
+def group_by(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pointer, order): entries grouped by key in 0..count-1 by a stable sort; group g is
+    order[pointer[g]:pointer[g + 1]] (deterministic, no host sync)."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    bounds = torch.arange(count + 1, dtype=sorted_keys.dtype, device=keys.device)
+    return torch.searchsorted(sorted_keys, bounds), order
 
 
 def trace_gain(rows: torch.Tensor, batch: int, beta: float) -> torch.Tensor:
@@ -81,14 +82,14 @@ def trace_gain(rows: torch.Tensor, batch: int, beta: float) -> torch.Tensor:
 
 
 def sparse_weight_grad(x: torch.Tensor, ds: torch.Tensor, rows: torch.Tensor, neurons: torch.Tensor, n_out: int,
-                       beta: float, bias: bool = False, by_neuron=None, block_e: int = 32, block_in: int = 128):
+                       beta: float, bias: bool = False, block_e: int = 32, block_in: int = 128):
     """(dW (n_out, N_in), db (n_out,) or None), float32, from the input x (T, B, N_in) and the active
-    entries (rows of the (T * B) grid, output neurons, ds). `by_neuron`: a `csr_by_neuron` result."""
+    entries (rows of the (T * B) grid, output neurons, ds)."""
     x = x.contiguous()
     steps, batch, n_in = x.shape
     out = torch.empty(n_out, n_in, dtype=torch.float32, device=x.device)
     db = torch.empty(n_out, dtype=torch.float32, device=x.device) if bias else out
-    crow, order = by_neuron if by_neuron is not None else csr_by_neuron(rows, neurons, n_out)
+    crow, order = group_by(neurons, n_out)
     rows_sorted = rows[order].contiguous()
     ds_sorted = ds.float()[order].contiguous()
     gain = trace_gain(rows_sorted, batch, beta) if bias else ds_sorted

@@ -83,30 +83,30 @@ def _log2(beta: float) -> float:
 FILTER_TILE = 16
 
 
-def time_filter(src: torch.Tensor, beta: float, reverse: bool = False, block: int | None = None) -> torch.Tensor:
-    """The forward (or reverse) filter of `src` (T, ...) along dim 0, float32."""
-    src = src.contiguous()
-    dst = torch.empty(src.shape, dtype=torch.float32, device=src.device)
+def _filter(src: torch.Tensor, dst: torch.Tensor, beta: float, reverse: bool, checkpoints: bool, k: int,
+            block: int | None) -> torch.Tensor:
+    """Launch time_filter_kernel on `src` (T, ...) contiguous into `dst`; returns `dst`."""
     n_cols = src[0].numel() if src.shape[0] else 0
     if n_cols:
         block = block or column_block(n_cols, src.device, largest=FILTER_BLOCK)
         time_filter_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, src.shape[0], _log2(beta),
-                                                          REVERSE=reverse, CHECKPOINTS=False, K=1, TILE=FILTER_TILE,
-                                                          BLOCK=block)
+                                                          REVERSE=reverse, CHECKPOINTS=checkpoints, K=k,
+                                                          TILE=FILTER_TILE, BLOCK=block)
     return dst
+
+
+def time_filter(src: torch.Tensor, beta: float, reverse: bool = False, block: int | None = None) -> torch.Tensor:
+    """The forward (or reverse) filter of `src` (T, ...) along dim 0, float32."""
+    src = src.contiguous()
+    dst = torch.empty(src.shape, dtype=torch.float32, device=src.device)
+    return _filter(src, dst, beta, reverse, False, 1, block)
 
 
 def trace_checkpoints(src: torch.Tensor, beta: float, k: int, block: int | None = None) -> torch.Tensor:
     """C (ceil(T / k), ...) float32: C[c] = eps[c k - 1], the forward trace before step c k (C[0] = 0)."""
     src = src.contiguous()
-    steps = src.shape[0]
-    dst = torch.empty((triton.cdiv(steps, k),) + src.shape[1:], dtype=torch.float32, device=src.device)
-    n_cols = src[0].numel() if steps else 0
-    if n_cols:
-        block = block or column_block(n_cols, src.device, largest=FILTER_BLOCK)
-        time_filter_kernel[(triton.cdiv(n_cols, block),)](src, dst, n_cols, steps, _log2(beta), REVERSE=False,
-                                                          CHECKPOINTS=True, K=k, TILE=FILTER_TILE, BLOCK=block)
-    return dst
+    dst = torch.empty((triton.cdiv(src.shape[0], k),) + src.shape[1:], dtype=torch.float32, device=src.device)
+    return _filter(src, dst, beta, False, True, k, block)
 
 
 def time_filter_reference(src: torch.Tensor, beta: float, reverse: bool = False) -> torch.Tensor:
