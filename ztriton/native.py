@@ -2,8 +2,14 @@
 
 Parallelism without a threading layer: work is cut into a FIXED number of blocks (of batch rows
 or of columns), each block a `nogil` kernel call, run on a thread pool of torch.get_num_threads()
-workers. The blocks, hence every floating-point summation order, do not depend on the thread
-count, and no OpenMP runtime is started, so forked DataLoader workers stay safe.
+workers (a new pool, the old one shut down, when that number changes). The blocks, hence every
+floating-point summation order, do not depend on the thread count, and no OpenMP runtime is
+started, so forked DataLoader workers stay safe. Calls from several threads may run at once: their
+blocks share the pool, and a kernel writes only into its caller's arrays (the layers' scratch
+buffers are per thread, `backends.Workspace`).
+
+numba is optional: where it is missing or fails to import, AVAILABLE is False, UNAVAILABLE_REASON
+says why, and the package runs on the torch backend.
 
 Kernels are compiled on first use and cached on disk (`cache=True`); `warm_up()` compiles them
 all and returns the seconds it took.
@@ -11,23 +17,38 @@ all and returns the seconds it took.
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from numbers import Integral
 
 import numpy as np
 import torch
 
-AVAILABLE = importlib.util.find_spec("numba") is not None
+from ._checks import positive_int
+
+
+def _import_numba():
+    """(numba, None), or (None, why it cannot be used): numba is optional."""
+    try:
+        import numba
+    except Exception as error:  # not only ImportError: a broken install may raise anything
+        if isinstance(error, ModuleNotFoundError) and error.name == "numba":
+            return None, "numba is not installed"
+        return None, f"numba failed to import: {type(error).__name__}: {error}"
+    return numba, None
+
+
+numba, UNAVAILABLE_REASON = _import_numba()
+#: whether the native kernels can run; if not, UNAVAILABLE_REASON says why (it is None when they can)
+AVAILABLE = UNAVAILABLE_REASON is None
 #: blocks a parallel kernel is cut into (fixed by the problem size, so results do not depend on the
 #: thread count), and the fewest items (batch rows, columns) a block gets
 BLOCKS = 16
 MIN_BLOCK = 4
 
 if AVAILABLE:
-    import numba
-
     jit = numba.njit(cache=True, nogil=True)
 
     @jit
@@ -87,10 +108,13 @@ if AVAILABLE:
     def _gather_events(bins, units, offsets, samples, steps, out):  # pragma: no cover - compiled
         """COO indices (3, nnz) of a batch, row-major: a counting sort by bin of the samples' events,
         taken column by column (each sample's events are sorted by (bin, unit), so the result is
-        ordered by (t, b, n)). Serial: safe in forked DataLoader workers."""
+        ordered by (t, b, n)). Serial: safe in forked DataLoader workers. False (nothing written) if an
+        event's bin is outside [0, steps)."""
         start = np.zeros(steps + 1, dtype=np.int64)
         for b in range(samples.shape[0]):
             for e in range(offsets[samples[b]], offsets[samples[b] + 1]):
+                if bins[e] < 0 or bins[e] >= steps:
+                    return False
                 start[bins[e] + 1] += 1
         for t in range(steps):
             start[t + 1] += start[t]
@@ -102,6 +126,7 @@ if AVAILABLE:
                 out[1, p] = b
                 out[2, p] = units[e]
                 start[t] = p + 1
+        return True
 
     @jit
     def _scan_rows(lo, hi, dense, counts):  # pragma: no cover - compiled
@@ -280,38 +305,78 @@ if AVAILABLE:
                     grid[t, c] += beta * grid[t - 1, c]
 
 
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+#: the pool the calls' blocks run on, (workers, pool), and the lock held while it is replaced or
+#: given a call's blocks (so no call submits to a pool that was shut down)
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
 
 
-def _executor() -> ThreadPoolExecutor:
-    """A pool of torch.get_num_threads() workers, made anew in a forked child or when that changes."""
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, and its lock may be held."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _submit(work, ranges: list[tuple[int, int]], workers: int) -> list[Future]:
+    """work(block, lo, hi) for every range, submitted to a pool of `workers` threads.
+
+    A pool of another size is replaced and shut down (the blocks already given to it still run).
+    """
     global _pool
-    workers = max(1, torch.get_num_threads())
-    if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
-        _pool = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers))
-    return _pool[2]
+    with _pool_lock:
+        if _pool is None or _pool[0] != workers:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)
+            _pool = (workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ztriton-native"))
+        return [_pool[1].submit(work, block, lo, hi) for block, (lo, hi) in enumerate(ranges)]
+
+
+def _count(name: str, value, limit: int | None = None) -> int:
+    """`value` as an int in [0, limit) (no upper limit if None)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or (limit is not None and value >= limit):
+        raise ValueError(f"{name} must be in [0, {limit if limit is not None else 'inf'}), got {value}")
+    return int(value)
 
 
 def block_ranges(count: int, min_items: int = MIN_BLOCK) -> list[tuple[int, int]]:
     """[0, count) cut into at most BLOCKS fixed, non-empty ranges of at least `min_items` items."""
-    bounds = np.linspace(0, count, min(BLOCKS, max(count // max(min_items, 1), 1)) + 1).astype(np.int64)
+    count, min_items = _count("count", count), positive_int("min_items", min_items)
+    bounds = np.linspace(0, count, min(BLOCKS, max(count // min_items, 1)) + 1).astype(np.int64)
     return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
 def run_blocks(work, count: int, min_items: int = MIN_BLOCK) -> None:
-    """work(block, lo, hi) for the fixed ranges of [0, count), on the pool (nogil kernels inside)."""
+    """work(block, lo, hi) for the fixed ranges of [0, count), on a pool of torch.get_num_threads()
+    workers (nogil kernels inside); returns when every block has finished, also if one failed."""
+    if not callable(work):
+        raise TypeError(f"work must be callable, got {type(work).__name__}")
     ranges = block_ranges(count, min_items)
-    if len(ranges) <= 1 or torch.get_num_threads() == 1:
+    workers = torch.get_num_threads()
+    if len(ranges) <= 1 or workers <= 1:
         for block, (lo, hi) in enumerate(ranges):
             work(block, lo, hi)
         return
-    for future in [_executor().submit(work, block, lo, hi) for block, (lo, hi) in enumerate(ranges)]:
-        future.result()
+    errors = [future.exception() for future in _submit(work, ranges, workers)]  # waits for every block
+    first = next((error for error in errors if error is not None), None)
+    if first is not None:
+        raise first
 
 
 def run_kernel(kernel, count: int, *args, min_items: int = MIN_BLOCK) -> None:
     """kernel(lo, hi, *args) over the fixed ranges of [0, count)."""
+    if not callable(kernel):
+        raise TypeError(f"kernel must be callable, got {type(kernel).__name__}")
     run_blocks(lambda block, lo, hi: kernel(lo, hi, *args), count, min_items)
+
+
+def _require_numba() -> None:
+    if not AVAILABLE:
+        raise RuntimeError(f"the native kernels need numba: {UNAVAILABLE_REASON}")
 
 
 #: elements of work below which a block is not worth a thread hand-off
@@ -320,6 +385,11 @@ SMALL_WORK = 1 << 16
 
 def philox_uniforms(index: torch.Tensor, seed: int, offset: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(u1, u2) float32 of the RNG contract at int64 CPU positions `index` (as `rng.uniforms`)."""
+    _require_numba()
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1 or index.is_sparse \
+            or index.device.type != "cpu":
+        raise TypeError(f"index must be a 1-D int64 CPU tensor, got {_describe(index)}")
+    seed, offset, k = (_count(name, value, 2**64) for name, value in (("seed", seed), ("offset", offset), ("k", k)))
     positions = index.contiguous().numpy()
     u1 = np.empty(positions.shape[0], dtype=np.float32)
     u2 = np.empty_like(u1)
@@ -329,8 +399,12 @@ def philox_uniforms(index: torch.Tensor, seed: int, offset: int, k: int) -> tupl
 
 
 def scan_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_ptr, cols, values) of the non-zeros of a (rows, width) CPU tensor, row-major."""
-    array = dense.contiguous().numpy()
+    """(row_ptr, cols, values) of the non-zeros of a (rows, width) float32/64 CPU tensor, row-major."""
+    _require_numba()
+    if not isinstance(dense, torch.Tensor) or dense.dtype not in (torch.float32, torch.float64) or dense.dim() != 2 \
+            or dense.layout != torch.strided or dense.device.type != "cpu":
+        raise TypeError(f"dense must be a strided 2-D float32/64 CPU tensor, got {_describe(dense)}")
+    array = dense.detach().contiguous().numpy()
     rows = array.shape[0]
     counts = np.empty(rows, dtype=np.int64)
     run_kernel(_scan_rows, rows, array, counts)
@@ -344,15 +418,40 @@ def scan_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def gather_events(bins: np.ndarray, units: np.ndarray, offsets: np.ndarray, samples: np.ndarray,
                   steps: int) -> np.ndarray:
-    """Row-major COO indices (3, nnz) of the events of `samples` (see `_gather_events`)."""
-    total = int((offsets[samples + 1] - offsets[samples]).sum())
+    """Row-major COO indices (3, nnz) of the events of `samples` (see `_gather_events`): sample s owns
+    the events offsets[s]:offsets[s + 1] of (bins, units), each in bin [0, steps)."""
+    _require_numba()
+    arrays = dict(bins=bins, units=units, offsets=offsets, samples=samples)
+    for name, array in arrays.items():
+        if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be a 1-D integer numpy array, got {_describe(array)}")
+    steps = positive_int("steps", steps)
+    if bins.shape != units.shape:
+        raise ValueError(f"bins and units must have one entry per event, got {bins.size} and {units.size}")
+    if samples.size and (samples.min() < 0 or samples.max() >= offsets.size - 1):
+        raise ValueError(f"samples must be in [0, {max(offsets.size - 1, 0)}), got [{samples.min()}, {samples.max()}]")
+    first, last = offsets[samples], offsets[samples + 1]
+    if samples.size and (first.min() < 0 or last.max() > bins.size or (last < first).any()):
+        raise ValueError(f"offsets must delimit the samples' events within the {bins.size} events")
+    total = int((last - first).sum())
     out = np.empty((3, total), dtype=np.int64)
-    _gather_events(bins, units, offsets, samples, steps, out)
+    if not _gather_events(bins, units, offsets, samples, steps, out):
+        raise ValueError(f"the events of these samples must lie in bins [0, {steps})")
     return out
 
 
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-D {value.dtype} {value.layout} tensor on {value.device}"
+    if isinstance(value, np.ndarray):
+        return f"a {value.ndim}-D {value.dtype} array"
+    return type(value).__name__
+
+
 def warm_up() -> float:
-    """Compile (or load from the disk cache) every kernel for float32 and float64; seconds taken."""
+    """Compile (or load from the disk cache) every kernel for float32 and float64; seconds taken.
+    Raises a RuntimeError naming the reason where numba cannot be used (`UNAVAILABLE_REASON`)."""
+    _require_numba()
     from .backends.native_backend import warm_up as warm_backend
 
     start = time.perf_counter()

@@ -9,6 +9,8 @@ Gradient arithmetic is float32 (float64 for a float64 layer): `compute_dtype`.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -52,28 +54,61 @@ class LIFForward(NamedTuple):
     active: ActiveSet | None
 
 
+class _Scratch:
+    """One thread's buffers and hints (weak-referenceable, so a Workspace can list the live ones)."""
+
+    __slots__ = ("buffers", "hints", "__weakref__")
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.hints: dict[str, int] = {}
+
+
 class Workspace:
     """Named scratch buffers reused across calls (on CPU every fresh large tensor costs page faults).
 
-    Only used within one forward or backward call; nothing in them outlives the call.
+    Only used within one forward or backward call; nothing in them outlives the call. Each thread
+    has its own buffers and hints, so one layer may run in several threads at once; a thread's
+    buffers are freed when it ends. A copy or an unpickled Workspace starts empty.
     """
 
     def __init__(self):
-        self._buffers: dict[str, torch.Tensor] = {}
-        #: sizes learnt from earlier calls (e.g. a candidate buffer's capacity)
-        self.hints: dict[str, int] = {}
+        self._local = threading.local()
+        self._live: weakref.WeakSet[_Scratch] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return Workspace, ()
+
+    def _scratch(self) -> _Scratch:
+        try:
+            return self._local.scratch
+        except AttributeError:
+            scratch = self._local.scratch = _Scratch()
+            with self._lock:
+                self._live.add(scratch)
+            return scratch
+
+    @property
+    def hints(self) -> dict[str, int]:
+        """Sizes learnt from this thread's earlier calls (e.g. a candidate buffer's capacity)."""
+        return self._scratch().hints
 
     def get(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """This thread's buffer `name`, (re)allocated uninitialised unless it has this shape, dtype and device."""
         shape = torch.Size(shape)
-        buffer = self._buffers.get(name)
+        buffers = self._scratch().buffers
+        buffer = buffers.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-            buffer = torch.empty(shape, dtype=dtype, device=device)
-            self._buffers[name] = buffer
+            buffer = buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buffer
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        """Bytes of the buffers of every live thread."""
+        with self._lock:
+            scratches = list(self._live)
+        return sum(b.numel() * b.element_size() for s in scratches for b in tuple(s.buffers.values()))
 
 
 class Backend(Protocol):
@@ -83,6 +118,13 @@ class Backend(Protocol):
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend runs layers of `dtype` on `device`."""
+
+    def unsupported(self, rule: SpikeRule) -> str | None:
+        """None if this backend evaluates `rule` (its law's draws), else why not and the fix."""
+
+    def implementation(self, op: str, rule: SpikeRule, needs_grad: bool) -> str:
+        """The name of the implementation that runs method `op` (e.g. "torch" where a backend
+        reuses the torch backend's), reported per op in the layers' `stats["ops"]`."""
 
     def lif_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: LIFConfig,
                     needs_grad: bool, key: PhiloxKey | None, workspace: Workspace) -> LIFForward:
