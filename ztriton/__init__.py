@@ -7,12 +7,13 @@ from .distributions import (
     get_distribution,
 )
 from .functional import localzo_spike, sparsegrad_spike, spike_count, surrogate_spike
-from .layers import LeakyReadout, SilentLayerWarning, SparseLIFLinear
+from .layers import BackendFallbackWarning, LeakyReadout, SilentLayerWarning, SparseLIFLinear
 from .scheduler import Scheduler, calibrate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendFallbackWarning",
     "Distribution",
     "LeakyReadout",
     "Scheduler",

@@ -35,6 +35,8 @@ __all__ = [
     "SurrogateDistribution",
     "get_distribution",
     "distribution_from_surrogate",
+    "kernel_law",
+    "kernel_law_refusal",
     "SIGMOID_A",
     "DISTRIBUTIONS",
 ]
@@ -423,6 +425,34 @@ def distribution_from_surrogate(
     `delta` (its pdf depends on it) and satisfies c E[G(v; z, delta)] = g(v).
     """
     return SurrogateDistribution(g, None, delta=delta, alpha=alpha, num_points=num_points)
+
+
+#: the |z| expressions of the native and Triton kernels; a kernel's law code is the index here
+KERNEL_LAWS = ("normal", "uniform", "laplace", "fast_sigmoid", "table")
+
+
+def kernel_law(law: Distribution) -> str | None:
+    """Which |z| expression the native and Triton kernels evaluate for `law`: "normal", "uniform",
+    "laplace", "fast_sigmoid" (closed forms) or "table" (inverse transform through
+    `sampling_tables`), the one its `abs_z_from_uniforms` is; None for a law whose draws only its
+    own torch code gives (a custom `Distribution` subclass), which runs on the torch backend."""
+    method = type(law).abs_z_from_uniforms
+    for cls, name in ((Normal, "normal"), (Uniform, "uniform"), (Laplace, "laplace"),
+                      (FastSigmoid, "fast_sigmoid")):
+        if method is cls.abs_z_from_uniforms:
+            return name
+    if method is SurrogateDistribution.abs_z_from_uniforms and type(law).quantile_abs is SurrogateDistribution.quantile_abs:
+        return "table"
+    return None
+
+
+def kernel_law_refusal(law: Distribution, backend: str) -> str | None:
+    """None if the `backend` kernels draw `law`'s z, else why not and what to do instead."""
+    if kernel_law(law) is not None:
+        return None
+    return (f"the {backend} kernels cannot draw z for {law!r}, whose |z| only its own torch code "
+            f"(abs_z_from_uniforms) gives: build the law with distribution_from_surrogate (the kernels sample "
+            f"its CDF table) or use backend='torch'")
 
 
 DISTRIBUTIONS = {

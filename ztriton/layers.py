@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import backends, rng
+from . import backends, native, rng
 from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval, value_checks
 from .distributions import Distribution, resolve
 from .events import cached_events
@@ -24,6 +24,34 @@ BACKEND_NAMES = ("auto",) + tuple(backends.REGISTRY)
 
 class SilentLayerWarning(UserWarning):
     """A SparseLIFLinear neither fired nor had an active entry in a training forward."""
+
+
+class BackendFallbackWarning(UserWarning):
+    """backend="auto" runs a layer on the torch backend where a faster one was expected."""
+
+
+_warned_no_native = False
+
+
+def _resolve(module: nn.Module, rule: backends.SpikeRule | None) -> backends.Backend:
+    """`module.backend` resolved for its parameters' device and dtype (and spike rule); a fallback of
+    "auto" to the torch backend warns: once per process when numba is missing on CPU, else once per
+    layer, naming the layer and the reason."""
+    global _warned_no_native
+    backend, note = backends.select(module.backend, module.weight.device, module.weight.dtype, rule)
+    module.stats["fallback"] = note
+    if note is None:
+        return backend
+    if module.weight.device.type == "cpu" and not native.AVAILABLE:
+        if not _warned_no_native:
+            _warned_no_native = True
+            warnings.warn(f"ztriton's layers run on the torch backend, several times slower on CPU than the native "
+                          f"kernels: {note}. Install numba for them.", BackendFallbackWarning, stacklevel=3)
+    elif not module._warned_fallback:
+        module._warned_fallback = True
+        warnings.warn(f"{module!r} (backend='auto') runs on the torch backend: {note}", BackendFallbackWarning,
+                      stacklevel=3)
+    return backend
 
 
 def _check_backend(name) -> str:
@@ -78,7 +106,9 @@ class SparseLIFLinear(nn.Module):
     at those entries (hooks and `retain_grad` on the spikes see that layout; see `ztriton.sparse`).
 
     `stats` holds, for the last forward: `active_fraction`, `path`, `saved_bytes` (kept for
-    backward), `backend`, `grid`, `crossover` and where it came from. Working buffers are cached on
+    backward), `backend`, `ops` (the implementation of each op of the call: forward, weight_grad,
+    input_grad, time_filter), `fallback` (why backend="auto" took the torch backend, else None),
+    `grid`, `crossover` and where it came from. Working buffers are cached on
     the layer between calls (`workspace_bytes`). A training forward in which the layer neither
     fires nor has an active entry warns once (`SilentLayerWarning`): such a layer gets no gradient.
     """
@@ -119,6 +149,8 @@ class SparseLIFLinear(nn.Module):
             if grad != "sparsegrad":
                 raise ValueError(f"bth applies to grad='sparsegrad' only, got grad={grad!r}")
         self.rule = backends.SpikeRule(grad=grad, law=law, delta=delta, m=m, bth=bth)
+        if self.backend != "auto" and (reason := backends.REGISTRY[self.backend].unsupported(self.rule)):
+            raise ValueError(f"backend={self.backend!r} cannot run this layer: {reason}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.generator = generator
@@ -128,7 +160,7 @@ class SparseLIFLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.stats: dict = {}
         self.workspace = backends.Workspace()
-        self._warned_silent = False
+        self._warned_silent = self._warned_fallback = False
 
     @property
     def workspace_bytes(self) -> int:
@@ -142,8 +174,9 @@ class SparseLIFLinear(nn.Module):
         return PathPolicy(crossover, None if self.path == "auto" else self.path)
 
     def resolve_backend(self) -> backends.Backend:
-        """The implementation for this forward (`backend`, "auto" resolved for the layer's device)."""
-        return backends.select(self.backend, self.weight.device, self.weight.dtype)
+        """The implementation for this forward (`backend`, "auto" resolved for the layer's device,
+        dtype and spike rule; a fallback to the torch backend warns, see `BackendFallbackWarning`)."""
+        return _resolve(self, self.rule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.generator is not None and self.generator.device.type != self.weight.device.type:
@@ -158,7 +191,7 @@ class SparseLIFLinear(nn.Module):
         spikes, stats = LIFFunction.apply(x, self.weight, self.bias, cfg, self.path_policy(backend), needs_grad, key,
                                           backend, self.workspace)
         self.stats.update(path=stats.path, active_fraction=stats.active_fraction, saved_bytes=stats.saved_bytes,
-                          backend=stats.backend, grid=stats.grid)
+                          backend=stats.backend, ops=stats.ops, grid=stats.grid)
         if stats.active is not None:
             mark_producer(spikes, stats.active)
         if needs_grad and stats.nnz == 0 and not self._warned_silent and not bool(spikes.any()):
@@ -198,10 +231,15 @@ class LeakyReadout(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.workspace = backends.Workspace()
+        #: for the last forward: `backend`, `ops` (current: a torch GEMM; time_filter) and `fallback`
+        self.stats: dict = {}
+        self._warned_fallback = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features)
-        backend = backends.select(self.backend, self.weight.device, self.weight.dtype)
+        backend = _resolve(self, None)
+        self.stats.update(backend=backend.name,
+                          ops={"current": "torch", "time_filter": backend.implementation("time_filter", None, False)})
         return LeakyReadoutFunction.apply(x, self.weight, self.bias, self.beta, backend, self.workspace)
 
     def extra_repr(self) -> str:

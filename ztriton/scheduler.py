@@ -22,9 +22,10 @@ import torch
 
 from ._checks import positive_float
 
-#: active fraction below which the sparse path is taken when the device has no calibration;
-#: a 2-core CPU measured 4.7 % (`ztriton calibrate`, T 100 B 128 200->200) to 10 %
-#: (bench/bench_kernels.py, the weight gradient at the paper's shapes)
+#: active fraction below which the sparse path is taken when the device has no calibration: half of
+#: what a 2-core CPU measured (10.2 % and 11.6 % by `ztriton calibrate`, T 100 B 128 200->200,
+#: native; 8.7-12.6 % for the weight gradient alone at the paper's shapes, bench/bench_kernels.py),
+#: so an uncalibrated device errs towards the dense path, whose cost does not depend on activity
 DEFAULT_CROSSOVER = 0.05
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .. import native
 from ..events import Events, cache_events, dense, events_of, row_pointer
-from ..distributions import FastSigmoid, Laplace, Normal, Uniform
+from ..distributions import KERNEL_LAWS, kernel_law, kernel_law_refusal
 from ..functional import candidate_threshold
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
@@ -86,13 +86,13 @@ def _draw_args(rule, key: PhiloxKey | None) -> tuple:
     """The kernel's LocalZO arguments: (draw, seed, offset, m, dist, dist_param, cdf, |z| table, delta,
     scale, inverse), float32 where the torch reference computes in float32."""
     law = rule.law
-    codes = {Normal: 0, Uniform: 1, Laplace: 2, FastSigmoid: 3}
     empty = np.zeros(2, dtype=np.float32)
     if key is None or rule.grad != "localzo":
         return (False, 0, 0, 1, 0, 0.0, empty, empty, np.float32(0.0), np.float32(0.0), False)
-    code = next((c for cls, c in codes.items() if type(law) is cls), 4)
-    cdf, table_z = (t.numpy() for t in law.sampling_tables("cpu")) if code == 4 else (empty, empty)
-    param = law.k * law.delta if code == 3 else 0.0
+    name = kernel_law(law)
+    code = KERNEL_LAWS.index(name)
+    cdf, table_z = (t.numpy() for t in law.sampling_tables("cpu")) if name == "table" else (empty, empty)
+    param = law.k * law.delta if name == "fast_sigmoid" else 0.0
     return (True, key.seed, key.offset & 0xFFFFFFFF, rule.m, code, param, cdf, table_z,
             np.float32(rule.delta), np.float32(law.c / (2.0 * rule.delta * rule.m)), law.alpha != 1)
 
@@ -212,6 +212,20 @@ class NativeBackend:
     @staticmethod
     def available(device: torch.device, dtype: torch.dtype) -> bool:
         return native.AVAILABLE and device.type == "cpu" and dtype in DTYPES
+
+    #: the implementation that runs each op (the torch backend's for the full-grid filter and dot)
+    OPS = {"lif_forward": "native", "weight_grad": "native", "input_grad": "native", "filtered_grad": "torch",
+           "input_grad_at": "torch", "time_filter": "native"}
+
+    @staticmethod
+    def unsupported(rule) -> str | None:
+        return kernel_law_refusal(rule.law, "native") if rule.grad == "localzo" else None
+
+    @staticmethod
+    def implementation(op: str, rule, needs_grad: bool) -> str:
+        if op == "lif_forward" and needs_grad and rule.grad == "surrogate":
+            return "torch"  # the dense g of the surrogate rule: the torch backend's forward
+        return NativeBackend.OPS[op]
 
     lif_forward = staticmethod(lif_forward)
     weight_grad = staticmethod(weight_grad)

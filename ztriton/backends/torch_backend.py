@@ -265,10 +265,10 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
         else:
             sparse_input = False  # once dense, stay with the GEMM
             torch.matmul(x[start:stop].to(weight.dtype), weight.t(), out=piece)
-        if bias is not None:
-            piece += bias
         if piece is not v:
             v.copy_(piece)
+        if bias is not None:
+            v += bias  # in the membrane's precision, as the Triton kernel adds it
         lif_recurrence(v, spikes[start:stop], cfg.beta, cfg.threshold, previous)
         previous = (v[-1].clone(), spikes[stop - 1])
         if dense_g:
@@ -296,6 +296,14 @@ class TorchBackend:
     @staticmethod
     def available(device: torch.device, dtype: torch.dtype) -> bool:
         return True
+
+    @staticmethod
+    def unsupported(rule) -> str | None:
+        return None  # evaluates every law's own torch code
+
+    @staticmethod
+    def implementation(op: str, rule, needs_grad: bool) -> str:
+        return "torch"
 
     lif_forward = staticmethod(lif_forward)
     weight_grad = staticmethod(weight_grad)

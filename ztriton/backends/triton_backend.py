@@ -18,7 +18,7 @@ import os
 import torch
 
 from ..events import dense, events_of
-from ..distributions import FastSigmoid, Laplace, Normal, SurrogateDistribution, Uniform
+from ..distributions import KERNEL_LAWS, kernel_law, kernel_law_refusal
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from .base import LIFConfig, LIFForward, Workspace
@@ -29,21 +29,17 @@ EVENT_DENSITY = 0.05
 
 
 def sampler_args(law, device: torch.device) -> dict:
-    """The fused kernel's description of a law: `dist` code, its parameter, its tables."""
-    from ..kernels import lif_forward as kernel
-
-    if isinstance(law, Normal):
-        return dict(dist=kernel.NORMAL)
-    if isinstance(law, Uniform):
-        return dict(dist=kernel.UNIFORM)
-    if isinstance(law, Laplace):
-        return dict(dist=kernel.LAPLACE)
-    if isinstance(law, FastSigmoid):
-        return dict(dist=kernel.FAST_SIGMOID, dist_param=law.k * law.delta)
-    if isinstance(law, SurrogateDistribution):
+    """The fused kernel's description of a law (`kernel_law`): `dist` code, its parameter, its tables."""
+    name = kernel_law(law)
+    if name is None:
+        raise ValueError(kernel_law_refusal(law, "triton"))
+    args = dict(dist=KERNEL_LAWS.index(name))
+    if name == "fast_sigmoid":
+        args.update(dist_param=law.k * law.delta)
+    if name == "table":
         cdf, abs_z = law.sampling_tables(device)
-        return dict(dist=kernel.TABLE, cdf=cdf, abs_z=abs_z)
-    raise ValueError(f"no Triton sampler for the distribution {law!r}")
+        args.update(cdf=cdf, abs_z=abs_z)
+    return args
 
 
 def _event_input(x: torch.Tensor) -> bool:
@@ -70,6 +66,14 @@ class TritonBackend:
         if dtype not in DTYPES or importlib.util.find_spec("triton") is None:
             return False
         return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+    @staticmethod
+    def unsupported(rule) -> str | None:
+        return kernel_law_refusal(rule.law, "triton") if rule.grad == "localzo" else None
+
+    @staticmethod
+    def implementation(op: str, rule, needs_grad: bool) -> str:
+        return "triton"
 
     @staticmethod
     def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,

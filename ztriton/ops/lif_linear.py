@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import Backend, LIFConfig, Workspace, compute_dtype
-from ..events import dense
+from ..events import call_input, dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
 from .common import input_grad_from_filtered, refuse_double_backward, without_autocast
@@ -39,7 +39,8 @@ class PathPolicy:
 
 @dataclass(frozen=True)
 class LIFStats:
-    """What one forward measured. `active` is the active set kept for a sparse-path backward."""
+    """What one forward measured. `ops` names the implementation of each op this call runs (its
+    backward's too); `active` is the active set kept for a sparse-path backward."""
 
     path: str
     active_fraction: float | None
@@ -47,7 +48,33 @@ class LIFStats:
     saved_bytes: int
     backend: str
     grid: int
+    ops: dict
     active: ActiveSet | None = None
+
+
+def planned_ops(backend: Backend, cfg: LIFConfig, path: str, needs_grad: bool, input_grad: bool,
+                from_producer: bool) -> dict:
+    """{op: implementation} of one call: the forward and, for a training call, the backward's ops.
+
+    The input gradient at a producing layer's active entries is the backend's; a dense input
+    gradient (and the dense path's weight gradient) is a torch GEMM after a time filter.
+    """
+    def impl(op: str) -> str:
+        return backend.implementation(op, cfg.rule, needs_grad)
+
+    ops = {"forward": impl("lif_forward")}
+    if not needs_grad:
+        return ops
+    if path == "dense":
+        ops.update(time_filter=impl("time_filter"), weight_grad="torch")
+    else:
+        ops["weight_grad"] = impl("weight_grad")
+    if input_grad and from_producer:
+        ops["input_grad"] = impl("input_grad_at" if path == "dense" else "input_grad")
+    elif input_grad:
+        ops.setdefault("time_filter", impl("filtered_grad"))
+        ops["input_grad"] = "torch"
+    return ops
 
 
 class LIFFunction(torch.autograd.Function):
@@ -61,9 +88,12 @@ class LIFFunction(torch.autograd.Function):
     @without_autocast
     def forward(ctx, x, weight, bias, cfg: LIFConfig, policy: PathPolicy, needs_grad: bool,
                 key: PhiloxKey | None, backend: Backend, workspace: Workspace):
+        producer = producer_of(x) if ctx.needs_input_grad[0] else None
+        x = call_input(x)  # a user's tensor is scanned for events once per call, never across calls
         spikes, g, active = backend.lif_forward(x, weight, bias, cfg, needs_grad, key, workspace)
         if not needs_grad:
-            return spikes, LIFStats("none", None, 0, 0, backend.name, spikes.numel())
+            ops = planned_ops(backend, cfg, "none", False, False, False)
+            return spikes, LIFStats("none", None, 0, 0, backend.name, spikes.numel(), ops)
         nnz = active.nnz if active is not None else int(torch.count_nonzero(g))
         fraction = nnz / max(1, spikes.numel())
         path = policy(fraction)
@@ -76,10 +106,11 @@ class LIFFunction(torch.autograd.Function):
             active = None
         ctx.cfg, ctx.path, ctx.has_bias = cfg, path, bias is not None
         ctx.backend, ctx.workspace, ctx.active = backend, workspace, active
-        ctx.producer = producer_of(x) if ctx.needs_input_grad[0] else None
+        ctx.producer = producer
         ctx.save_for_backward(x, weight, g)
         saved = active.nbytes if active is not None else g.numel() * g.element_size()
-        return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), active)
+        ops = planned_ops(backend, cfg, path, True, ctx.needs_input_grad[0], producer is not None)
+        return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), ops, active)
 
     @staticmethod
     @without_autocast
