@@ -53,6 +53,7 @@ def main(argv=None):
     warm_x, warm_y = data.batch(torch.arange(args.batch_size))  # one-time costs (allocation, compilation)
     spike_regulariser(model(warm_x)[1], cfg).backward()
     data_s = compute_s = 0.0
+    batches = batch_events = 0
     for index in torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).split(args.batch_size):
         start = time.perf_counter()
         x, y = to_device(*data.batch(index), torch.device("cpu"))
@@ -63,11 +64,13 @@ def main(argv=None):
         optimizer.step()
         data_s += middle - start
         compute_s += time.perf_counter() - middle
+        batches, batch_events = batches + 1, batch_events + x._nnz()
     events = data.offsets[-1] / len(data)
     print(f"{len(data)} samples, {events:.0f} events per sample ({100 * events / (500 * 700):.2f} % of the grid), "
           f"batch {args.batch_size}, active "
           + ", ".join(f"{100 * layer.stats['active_fraction']:.2f} %" for layer in model.hidden))
-    print(f"data_s {data_s:.2f} s, compute {compute_s:.2f} s, data share {100 * data_s / (data_s + compute_s):.1f} %")
+    print(f"data_s {data_s:.2f} s, compute {compute_s:.2f} s, data share {100 * data_s / (data_s + compute_s):.1f} %; "
+          f"{1000 * data_s / batches:.1f} ms per batch of {batch_events / batches / 1e6:.2f} M events on average")
 
 
 if __name__ == "__main__":

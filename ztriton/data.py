@@ -161,6 +161,7 @@ class EventDataset:
 
     def __init__(self, bins: np.ndarray, units: np.ndarray, offsets: np.ndarray, labels: np.ndarray,
                  steps: int, inputs: int, classes: int):
+        _check_binned(bins, units, offsets, len(labels), steps, inputs)
         self.bins, self.units, self.offsets = bins, units, offsets
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.steps, self.inputs, self.classes = steps, inputs, classes
@@ -187,6 +188,23 @@ class EventDataset:
         return spikes, self.labels[index]
 
     collate = SpikeTimeDataset.collate
+
+
+def _check_binned(bins: np.ndarray, units: np.ndarray, offsets: np.ndarray, samples: int, steps: int,
+                  inputs: int) -> None:
+    """Each sample's (bin, unit) pairs must be in range, distinct and sorted (as `bin_events` gives them):
+    batches are built as coalesced sparse tensors from them without another sort."""
+    if bins.shape != units.shape or bins.ndim != 1:
+        raise ValueError(f"bins and units must be 1-d arrays of one length, got {bins.shape} and {units.shape}")
+    if offsets.shape != (samples + 1,) or offsets[0] != 0 or offsets[-1] != bins.size or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"offsets must rise from 0 to {bins.size} over {samples + 1} entries")
+    if bins.size and (bins.min() < 0 or bins.max() >= steps or units.min() < 0 or units.max() >= inputs):
+        raise ValueError(f"bins must lie in [0, {steps}) and units in [0, {inputs})")
+    key = bins.astype(np.int64) * inputs + units.astype(np.int64)
+    rising = key[1:] > key[:-1]
+    rising[offsets[1:-1][(offsets[1:-1] > 0) & (offsets[1:-1] < bins.size)] - 1] = True  # a new sample starts
+    if not bool(rising.all()):
+        raise ValueError("each sample's (bin, unit) pairs must be distinct and sorted by (bin, unit)")
 
 
 def bin_events(times_us: np.ndarray, units: np.ndarray, dt_ms: float, steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,8 +2,13 @@
 
 A batch of events is a coalesced torch sparse COO tensor of shape (T, B, N_in) (`spike_batch`).
 Kernels read events row by row: `events_of(x)` gives the CSR of x seen as (T * B, N_in) rows --
-from a sparse tensor by counting its (sorted) rows, from a dense one by a native scan -- and
-caches it on the tensor for as long as the tensor is unchanged (its version counter).
+from a sparse tensor by counting its (sorted) rows, from a dense one by a native scan.
+
+Events are cached only on tensors the package made: a layer's output (written by the kernel that
+made it, `cache_events`, while its version counter is unchanged) and the per-call alias of a
+user's input (`call_input`), which lives for one forward and its backward. A user's tensor is
+scanned anew on every call: a buffer refilled in place without a version bump (`buf.numpy()[:] =`,
+`buf.data.copy_`, a DLPack view) gives its new events.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import numpy as np
 import torch
 
 CACHE_ATTR = "_ztriton_events"
+#: marks the alias `call_input` makes of a user's input: its events are cached for that call only
+CALL_ATTR = "_ztriton_call_input"
 
 
 class Events(NamedTuple):
@@ -33,13 +40,17 @@ def spike_batch(t: np.ndarray, b: np.ndarray, n: np.ndarray, shape: tuple[int, i
     """A coalesced sparse COO spike tensor (value 1.0) with ones at the (t, b, n) given (repeats merge).
 
     `by_column` promises distinct entries already ordered by (b, t, n), as a batch of samples whose
-    own events are sorted by (t, n): one stable radix sort by t then gives the row-major order.
+    own events are sorted by (t, n): one stable radix sort by t then gives the row-major order
+    (checked: the sparse tensor is flagged coalesced, which a broken promise would make wrong).
     """
     steps, batch, width = shape
     if by_column:
         order = np.argsort(np.asarray(t), kind="stable")
         indices = np.stack([np.asarray(t, np.int64)[order], np.asarray(b, np.int64)[order],
                             np.asarray(n, np.int64)[order]])
+        flat = (indices[0] * batch + indices[1]) * width + indices[2]
+        if flat.size > 1 and not bool(np.all(flat[1:] > flat[:-1])):
+            raise ValueError("spike_batch(by_column=True) needs distinct entries ordered by (b, t, n)")
     else:
         flat = np.sort((np.asarray(t, np.int64) * batch + np.asarray(b, np.int64)) * width + np.asarray(n, np.int64))
         if flat.size > 1:  # drop repeats by sorting (np.unique's hash path is ~50x slower on 1e6 keys)
@@ -85,23 +96,39 @@ def _from_dense(x: torch.Tensor) -> Events:
 
 
 def cache_events(x: torch.Tensor, events: Events) -> None:
-    """Remember the events of x (e.g. written by the kernel that made x) while x is unchanged."""
+    """Remember the events of x, a tensor the package made (e.g. by the kernel that wrote x), while
+    x is unchanged (its version counter)."""
     setattr(x, CACHE_ATTR, (events, x._version))
 
 
 def cached_events(x: torch.Tensor) -> Events | None:
-    """The events remembered for x while it is unchanged (a layer's output, a validated input), else None."""
+    """The events remembered for x while it is unchanged (a layer's output, a call's input), else None."""
     cached = getattr(x, CACHE_ATTR, None)
     return cached[0] if cached is not None and cached[1] == x._version else None
 
 
+def call_input(x: torch.Tensor) -> torch.Tensor:
+    """The tensor an op reads x through for one call (forward and its backward).
+
+    x itself when its events are cached (a layer's output); else a detached alias of x whose events,
+    once computed, are kept on the alias only, so the next call scans x again.
+    """
+    if cached_events(x) is not None:
+        return x
+    alias = x.detach()
+    setattr(alias, CALL_ATTR, True)
+    return alias
+
+
 def events_of(x: torch.Tensor) -> Events:
-    """The CSR events of a (T, B, N) tensor, sparse COO or dense (cached while x is unchanged)."""
+    """The CSR events of a (T, B, N) tensor, sparse COO or dense; computed anew unless x is a
+    tensor the package made (`cache_events`, `call_input`)."""
     events = cached_events(x)
     if events is not None:
         return events
     events = _from_sparse(x) if x.is_sparse else _from_dense(x)
-    cache_events(x, events)
+    if getattr(x, CALL_ATTR, False):
+        cache_events(x, events)
     return events
 
 

@@ -105,21 +105,22 @@ def sparse_grad(active: ActiveSet, values: torch.Tensor, dtype: torch.dtype) -> 
 def values_at(grad: torch.Tensor, active: ActiveSet, dtype: torch.dtype) -> torch.Tensor:
     """The entries of an incoming gradient (dense, broadcast or sparse COO) at the active set.
 
-    A sparse gradient is aligned with the set by binary search (no host sync); entries outside the
-    set are dropped, duplicates summed.
+    A sparse gradient is coalesced (duplicates summed) and each active entry looks its value up by
+    binary search: a gather, with no host sync and no float atomics, so the result does not depend
+    on scheduling; entries outside the set are dropped.
     """
     if not grad.is_sparse:
         t, b, n = active.coo_indices
         return grad[t, b, n].to(dtype)
-    indices, values = grad._indices(), grad._values().to(dtype)
+    indices, values = grad._indices(), grad._values()
     own = active.coo_indices
     if indices.data_ptr() == own.data_ptr() and indices.shape == own.shape and indices.stride() == own.stride():
-        return values  # one consumer's gradient, built on the set's own indices: aligned with it
-    out = torch.zeros(active.nnz, dtype=dtype, device=values.device)
-    if active.nnz == 0:
-        return out
+        return values.to(dtype)  # one consumer's gradient, built on the set's own indices: aligned with it
+    grad = grad if grad.is_coalesced() else grad.coalesce()
+    indices, values = grad._indices(), grad._values().to(dtype)
+    if active.nnz == 0 or values.numel() == 0:
+        return torch.zeros(active.nnz, dtype=dtype, device=values.device)
     _, batch, width = active.shape
-    flat = (indices[0] * batch + indices[1]) * width + indices[2]
-    position = torch.searchsorted(active.index, flat).clamp_(max=active.nnz - 1)
-    hit = active.index[position] == flat
-    return out.index_add_(0, position, torch.where(hit, values, 0.0))
+    flat = (indices[0] * batch + indices[1]) * width + indices[2]  # sorted: the gradient is coalesced
+    position = torch.searchsorted(flat, active.index).clamp_(max=flat.numel() - 1)
+    return torch.where(flat[position] == active.index, values[position], 0.0)
