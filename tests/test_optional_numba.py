@@ -106,6 +106,18 @@ CHILD = textwrap.dedent("""
         assert entry["backend"] == "torch", entry
 
 
+    def one_warning():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layers = [ztriton.SparseLIFLinear(6, 5, beta=0.9), ztriton.SparseLIFLinear(5, 4, beta=0.9)]
+            for _ in range(2):
+                layers[1](layers[0](torch.ones(3, 2, 6)))
+        fallbacks = [str(w.message) for w in caught if w.category is ztriton.BackendFallbackWarning]
+        report["fallback_warnings"] = fallbacks
+        assert all(layer.stats["backend"] == "torch" for layer in layers)
+
+
+    check("one_warning", one_warning)  # first: the warning is given once per process
     check("warm_up", warm_up)
     check("torch_layer", lambda: layer_step("torch", False))
     check("auto_layer_dense_input", lambda: layer_step("auto", False))
@@ -118,7 +130,7 @@ CHILD = textwrap.dedent("""
     check("init_and_calibrate", init_and_calibrate)
     print(json.dumps(report))
 """)
-ENTRY_POINTS = ("warm_up", "torch_layer", "auto_layer_dense_input", "auto_layer_sparse_input", "native_refused",
+ENTRY_POINTS = ("one_warning", "warm_up", "torch_layer", "auto_layer_dense_input", "auto_layer_sparse_input", "native_refused",
                 "event_data", "spike_time_data", "rng", "events", "init_and_calibrate")
 
 
@@ -146,4 +158,7 @@ def test_ztriton_imports_and_runs_on_torch_without_a_working_numba(case, broken_
     reason = "numba is not installed" if case == "absent" else "numba failed to import: RuntimeError: broken numba"
     assert report["available"] is False and report["reason"] == reason
     assert report["warm_up_error"] == f"the native kernels need numba: {reason}"
+    assert report["fallback_warnings"] == [
+        "ztriton's layers run on the torch backend, several times slower on CPU than the native kernels: "
+        f"native: it needs numba, the CPU and a float32/64 layer ({reason}). Install numba for them."]
     assert {name: report[name] for name in ENTRY_POINTS} == {name: "ok" for name in ENTRY_POINTS}
