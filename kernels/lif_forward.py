@@ -96,12 +96,16 @@ def lif_forward_kernel(
         bias = tl.zeros([BLOCK], tl.float32)
     v = tl.zeros([BLOCK], tl.float32) - threshold
     s = tl.zeros([BLOCK], tl.float32)
-    upcoming = tl.load(current_ptr + cols, mask=mask & (steps > 0), other=0.0)
+    # the step is compared as a block: Triton 3.9's interpreter broadcasts a scalar comparison
+    # into an int32 block, which `tl.load` refuses as a mask
+    first = tl.zeros_like(cols)
+    upcoming = tl.load(current_ptr + cols, mask=mask & (first < steps), other=0.0)
     for t in range(steps):
-        index = (tl.zeros_like(cols) + t) * n_cols + cols  # int64: flat positions may pass 2^31
+        step = first + t
+        index = step * n_cols + cols  # int64: flat positions may pass 2^31
         i_t = upcoming.to(tl.float32) + bias
         # the next step's current is loaded before this step's work, so its latency overlaps it
-        upcoming = tl.load(current_ptr + index + n_cols, mask=mask & (t + 1 < steps), other=0.0)
+        upcoming = tl.load(current_ptr + index + n_cols, mask=mask & (step + 1 < steps), other=0.0)
         v = (i_t - leak) + beta * v - threshold * s
         s = (v > 0).to(tl.float32)
         tl.store(spikes_ptr + index, s, mask=mask)

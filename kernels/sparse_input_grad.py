@@ -16,7 +16,7 @@ import triton.language as tl
 @triton.jit
 def sparse_input_grad_kernel(filtered_ptr, weight_t_ptr, rows_ptr, inputs_ptr, out_ptr, n_targets, n_out,
                              BLOCK_U: tl.constexpr, BLOCK_O: tl.constexpr):
-    targets = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    targets = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)  # int64: may pass 2^31
     target_mask = targets < n_targets
     rows = tl.load(rows_ptr + targets, mask=target_mask, other=0).to(tl.int64)
     inputs = tl.load(inputs_ptr + targets, mask=target_mask, other=0).to(tl.int64)

@@ -172,6 +172,20 @@ def test_fused_forward_other_modes_bias_and_spike_dtype():
     assert half.index is None and half.membrane is None
 
 
+@pytest.mark.parametrize("steps", [0, 1, 2])
+def test_fused_forward_at_the_fewest_steps(steps):
+    """The loads of I[0] and of the next step are masked by block comparisons with T (a scalar
+    comparison broke the mask in Triton 3.9's interpreter): T 1 has no next step, T 0 no launch."""
+    current = (torch.randn(steps, 2, 29, generator=torch.Generator().manual_seed(8)) * 0.8 + 0.5).to(DEVICE)
+    out = fused.lif_forward(current, 0.9, 1.0, mode=fused.MEMBRANE)
+    assert out.spikes.shape == out.membrane.shape == current.shape
+    if steps:
+        ref_spikes, _ = lif_localzo_forward_reference(current.cpu(), 0.9, 1.0, 1, 1.0, 1.0,
+                                                      torch.ones(1, *current.shape))
+        assert torch.equal(out.spikes.cpu().double(), ref_spikes)
+        torch.testing.assert_close(out.membrane[0], current[0] - 1.0)  # v[0] = I[0] - u_th from v[-1] = -u_th
+
+
 def test_fused_forward_is_reproducible_by_seed():
     law = get_distribution("normal")
     current = torch.randn(6, 2, 50, generator=torch.Generator().manual_seed(5)).to(DEVICE)
@@ -332,7 +346,9 @@ def test_triton_layer_is_reproducible_by_seed():
 def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     layer = SparseLIFLinear(4, 3, beta=0.9, backend="triton")
-    with pytest.raises(ValueError, match="backend='triton' is not available for a torch.float32 layer on cpu"):
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this layer: it needs Triton, a CUDA device "
+                                         r"\(or TRITON_INTERPRET=1 on CPU\) and a float32/16 layer; the layer is "
+                                         r"torch.float32 on cpu"):
         layer(torch.zeros(2, 1, 4))
     assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").resolve_backend().name == "native"
     assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").half().resolve_backend().name == "torch"
