@@ -5,7 +5,9 @@ LocalZO delta 0.05, m 1, normal; input Bernoulli spikes (rate --input-rate, SHD-
 run on the SAME weights and batch, timed in one process after a warm-up (medians of --repeats);
 peak memory is the growth of the peak resident set of a fresh process that runs two steps of one
 method, measured from after a tiny warm-up step that loads the libraries (so each number is that
-method's working memory alone); on a GPU, the allocator's peak during one step.
+method's working memory alone); on a GPU, the allocator's peak during one step above what was
+allocated before it, after a warm-up step. Both take the input (--events) and loss (--regulariser)
+of the timed steps.
 
     python bench/bench_layer.py                # full size (about 1-2 minutes on 2 cores)
     python bench/bench_layer.py --steps 100    # quicker
@@ -118,6 +120,11 @@ def batch(args):
     return x.to(args.device), labels.to(args.device)
 
 
+def method_input(x, method, args):
+    """The batch as `method` takes it: with --events the engine gets it as events (sparse COO), the BPTT dense."""
+    return x.to_sparse() if args.events and method != "bptt" else x
+
+
 def step(model, x, labels, regularise=False):
     """One forward + backward on a fresh copy of x (nothing cached on the input from an earlier step);
     returns (forward s, backward s). With `regularise`, the loss adds the training application's
@@ -168,8 +175,7 @@ def _peak_worker(method, args, queue):
     with warnings.catch_warnings():  # load library code (e.g. numba's JIT) before the baseline
         warnings.simplefilter("ignore", SilentLayerWarning)  # a 2-step batch may not make layer 2 fire
         step(model, x[:2, :2], labels[:2], args.regulariser)
-    if args.events and method != "bptt":
-        x = x.to_sparse()
+    x = method_input(x, method, args)
     before = _rss_bytes()
     for _ in range(2):
         step(model, x, labels, args.regulariser)
@@ -181,11 +187,12 @@ def peak_memory(method, args) -> int:
     if args.device.startswith("cuda"):  # the allocator's own high-water mark
         model = build(method, args)
         x, labels = batch(args)
-        step(model, x, labels)
+        x = method_input(x, method, args)
+        step(model, x, labels, args.regulariser)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(model, x, labels)
+        step(model, x, labels, args.regulariser)
         return torch.cuda.max_memory_allocated() - base
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -219,8 +226,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     x, labels = batch(args)
-    events = x.to_sparse() if args.events else x
-    inputs = {method: x if method == "bptt" else events for method in METHODS}
+    inputs = {method: method_input(x, method, args) for method in METHODS}
     models = {method: build(method, args) for method in METHODS}
     times = {method: ([], []) for method in METHODS}
     for method in METHODS:  # warm-up

@@ -300,8 +300,13 @@ def run(command: list[str], out: Path, name: str, timeout: int) -> dict:
 def measured_markdown(model: dict, layer: dict | None, peers: dict | None) -> str:
     lines = ["## Measured", ""]
     if layer is not None:
-        rows = layer["rows"]
-        lines += ["`bench_layer.py --device cuda --events` (medians of 5):", "",
+        rows, run_args = layer["rows"], layer["args"]
+        flags = "".join(f" --{flag}" for flag in ("events", "regulariser") if run_args[flag])
+        engine_input = "events (sparse COO)" if run_args["events"] else "dense"
+        peak = ("the CUDA allocator's high-water mark during one step above what was allocated before it"
+                if run_args["device"].startswith("cuda") else "growth of a fresh process's peak resident set over two steps")
+        lines += [f"`bench_layer.py --device {run_args['device']}{flags}` (medians of {run_args['repeats']}; peak: "
+                  f"{peak}, the engine's input {engine_input}, the BPTT's dense):", "",
                   "| method | forward ms | backward ms | overall ms | peak MiB | bwd x BPTT | all x BPTT |",
                   "|---|---|---|---|---|---|---|"]
         for method, r in rows.items():

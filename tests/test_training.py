@@ -1,13 +1,18 @@
 """Training application: latency code, idx reader, a few training steps, resume, error paths."""
 
 import gzip
+import io
 import json
+import math
+import statistics
 import struct
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import ztriton.train
 from ztriton.cli import main
 from ztriton.data import DataError, SpikeTimeDataset, latency_times, load_fmnist, read_idx, stratified_split
 from ztriton.train import Config, load_data, train
@@ -83,13 +88,64 @@ def _small(**kw):
 
 def test_training_lowers_the_loss_and_reports_speed(tmp_path, monkeypatch):
     monkeypatch.setattr("ztriton.train.load_data", _tiny_data)
+    timed = []  # (model, forward s, backward s) of every timed step: the speed comparison's and the training's
+    timed_step = ztriton.train._timed_step
+
+    def recorded(model, x, y, cfg):
+        loss, logits, fwd, bwd = timed_step(model, x, y, cfg)
+        timed.append((model, fwd, bwd))
+        return loss, logits, fwd, bwd
+
+    monkeypatch.setattr("ztriton.train._timed_step", recorded)
     summary = train(_small(lr=5e-3), tmp_path / "run", progress=False)
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == 2 and epochs[1]["train_loss"] < epochs[0]["train_loss"]
     assert all(e["data_s"] > 0 for e in epochs)  # batch building and moving is timed
-    assert summary["backward_speedup"] > 0 and 0 <= summary["active_fraction"][0] <= 1
-    assert 0 <= summary["test_accuracy"] <= 1
+    assert 0 <= summary["active_fraction"][0] <= 1 and 0 <= summary["test_accuracy"] <= 1
     assert (tmp_path / "run" / "training.png").stat().st_size > 0
+
+    # 240 samples in batches of 128: 2 steps an epoch; --compare-every 3 compares before steps 1 and 4,
+    # each time two runs of a sparse-path copy, then two of a dense-path copy (the second of each timed)
+    steps = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["steps"]
+    assert [s["step"] for s in steps if "backward_speedup" in s] == [1, 4]
+    trained = timed[-1][0]
+    copies = [t for t in timed if t[0] is not trained]
+    assert len(copies) == 8 and len(timed) == 8 + 4  # 4 training steps
+    for number, step in enumerate(s for s in steps if "backward_speedup" in s):
+        (sparse_copy, fs, bs), (dense_copy, fd, bd) = copies[4 * number + 1], copies[4 * number + 3]
+        assert [layer.path for layer in sparse_copy.hidden] == ["sparse"]
+        assert [layer.path for layer in dense_copy.hidden] == ["dense"]
+        assert step["backward_speedup"] == bd / bs and step["overall_speedup"] == (fd + bd) / (fs + bs)
+        assert math.isfinite(step["backward_speedup"]) and math.isfinite(step["overall_speedup"])
+    # the training steps' own timings are what metrics.jsonl sums per epoch
+    own = [(f, b) for model, f, b in timed if model is trained]
+    for epoch, entry in enumerate(epochs):
+        assert entry["forward_s"] == sum(f for f, _ in own[2 * epoch : 2 * epoch + 2])
+        assert entry["backward_s"] == sum(b for _, b in own[2 * epoch : 2 * epoch + 2])
+        assert entry["compare_s"] < entry["wall_s"]
+    # an epoch's speedup is the median of its compared steps', the run's the median of its epochs'
+    assert [e["backward_speedup"] for e in epochs] == [s["backward_speedup"] for s in steps if "backward_speedup" in s]
+    assert [e["overall_speedup"] for e in epochs] == [s["overall_speedup"] for s in steps if "overall_speedup" in s]
+    assert summary["backward_speedup"] == statistics.median(e["backward_speedup"] for e in epochs)
+    assert summary["overall_speedup"] == statistics.median(e["overall_speedup"] for e in epochs)
+    assert summary["wall_s"] == sum(e["wall_s"] for e in epochs)
+    assert summary["compare_share"] == sum(e["compare_s"] for e in epochs) / summary["wall_s"]
+    assert 0 < summary["compare_share"] < 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream,redraws", [(io.StringIO, False), (_Terminal, True)])
+def test_progress_bar_draws_only_on_a_terminal(tmp_path, monkeypatch, stream, redraws):
+    """stderr redirected to a file gets no bar (no carriage-return redraws); a terminal gets one."""
+    monkeypatch.setattr("ztriton.train.load_data", _tiny_data)
+    monkeypatch.setattr("sys.stderr", stream())
+    train(Config(epochs=1, hidden=[40], steps=30, batch_size=128, compare_every=0), tmp_path / "run")
+    assert ("\r" in sys.stderr.getvalue()) == redraws
+    assert ("epoch 1/1" in sys.stderr.getvalue()) == redraws
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
