@@ -10,8 +10,9 @@ once dense. A peer that is not installed is skipped with a message.
 
     python bench/bench_peers.py                       # T 300, B 128 (about 1 minute on 2 cores)
     python bench/bench_peers.py --device cuda         # on a GPU (ztriton's Triton backend)
-    pip install snntorch && pip install --no-deps spikingjelly   # the peers (spikingjelly's
-    # declared dependencies pull a torchvision that needs a newer torch; its neurons need only torch)
+    pip install -e ".[bench]" && pip install --no-deps spikingjelly   # the peers (spikingjelly's
+    # declared dependencies pull a torchvision that needs a newer torch; its neurons need loguru,
+    # which the bench extra brings)
 """
 
 from __future__ import annotations

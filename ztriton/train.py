@@ -496,7 +496,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             epoch_started = time.perf_counter()
             batches = torch.randperm(len(train_data), generator=shuffle).split(cfg.batch_size)
             fwd_times, bwd_times, correct, loss_sum, data_s, compare_s, seen = [], [], 0, 0.0, 0.0, 0.0, 0
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and procs.main), leave=False)
+            # disable=None: tqdm draws the bar only where stderr is a terminal (not into a log file)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress and procs.main else True,
+                       leave=False)
             for index in bar:
                 if index.numel() < procs.world:
                     continue  # too few samples to give every process one
@@ -513,13 +515,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 scheduler.step()
                 fwd_times.append(fwd)
                 bwd_times.append(bwd)
-                loss_sum += float(loss.detach()) * len(y)
+                loss_value = float(loss.detach())  # with the correct count, the step's two host reads
+                loss_sum += loss_value * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
                 stats = [layer.stats for layer in model.hidden]
                 dense_ops, sparse_ops = backward_synops(model)
                 record.update(
-                    loss=float(loss.detach()),
+                    loss=loss_value,
                     active_fraction=[s["active_fraction"] for s in stats],
                     paths=[s["path"] for s in stats],
                     forward_s=fwd,
