@@ -250,7 +250,7 @@ def test_scheduler_reads_a_calibration_file(tmp_path, monkeypatch):
 
 def test_calibration_finds_a_crossover(tmp_path, monkeypatch):
     monkeypatch.setenv("ZTRITON_CALIBRATION", str(tmp_path / "cal.json"))
-    from ztriton.scheduler import calibrate
+    from ztriton.calibration import calibrate
 
     entry = calibrate("cpu", backend="torch", steps=20, batch=4, n_in=30, n_out=20, fractions=(0.01, 0.5), repeats=3)
     assert 0 < entry["crossover"] <= 1.0 and entry["backend"] == "torch" and entry["repeats"] == 3

@@ -8,7 +8,8 @@ from .distributions import (
 )
 from .functional import localzo_spike, sparsegrad_spike, spike_count, surrogate_spike
 from .layers import BackendFallbackWarning, LeakyReadout, SilentLayerWarning, SparseLIFLinear
-from .scheduler import Scheduler, calibrate
+from .calibration import calibrate
+from .scheduler import Scheduler
 
 __version__ = "0.1.0"
 

@@ -101,7 +101,8 @@ def _compare(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from .scheduler import calibrate, calibration_file
+    from .calibration import calibrate
+    from .scheduler import calibration_file
 
     entry = calibrate(args.device, backend=args.backend, steps=args.steps, batch=args.batch, repeats=args.repeats)
     rows = zip(entry["fractions"], entry["dense_s"], entry["dense_spread"], entry["sparse_s"], entry["sparse_spread"])

@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from numbers import Integral
+from typing import Callable
 
 import numpy as np
 import torch
@@ -448,16 +449,27 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+#: warm-up calls of the kernels' users, registered by them (the native backend registers its
+#: layer ops on import), so this module never imports upward
+WARM_UPS: list = []
+
+
+def register_warm_up(warm: Callable[[torch.dtype], None]) -> None:
+    """Have `warm_up()` call `warm(dtype)` for float32 and float64 (a caller of these kernels)."""
+    if not callable(warm):
+        raise TypeError(f"warm must be callable, got {type(warm).__name__}")
+    WARM_UPS.append(warm)
+
+
 def warm_up() -> float:
     """Compile (or load from the disk cache) every kernel for float32 and float64; seconds taken.
     Raises a RuntimeError naming the reason where numba cannot be used (`UNAVAILABLE_REASON`)."""
     _require_numba()
-    from .backends.native_backend import warm_up as warm_backend
-
     start = time.perf_counter()
     philox_uniforms(torch.arange(4), 1, 0, 0)
     gather_events(np.zeros(1, np.int16), np.zeros(1, np.int16), np.array([0, 1]), np.array([0]), 1)
     for dtype in (torch.float32, torch.float64):
         scan_rows(torch.eye(3, dtype=dtype))
-        warm_backend(dtype)
+        for warm in WARM_UPS:
+            warm(dtype)
     return time.perf_counter() - start

@@ -17,12 +17,12 @@ import torch
 
 from .. import native
 from ..events import Events, cache_events, dense, events_of, row_pointer
-from ..distributions import KERNEL_LAWS, kernel_law, kernel_law_refusal
+from ..distributions import KERNEL_LAWS, get_distribution, kernel_law, kernel_law_refusal
 from ..functional import candidate_threshold
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from . import torch_backend
-from .base import LIFConfig, LIFForward, Workspace
+from .base import LIFConfig, LIFForward, SpikeRule, Workspace
 
 DTYPES = (torch.float32, torch.float64)
 #: time steps of GEMM current per kernel call for dense inputs above the event density
@@ -236,10 +236,7 @@ class NativeBackend:
 
 
 def warm_up(dtype: torch.dtype) -> None:
-    """Compile the backend's kernels for `dtype` on a tiny problem."""
-    from .base import SpikeRule
-    from ..distributions import get_distribution
-
+    """Compile the backend's kernels for `dtype` on a tiny problem (`ztriton.native.warm_up` calls it)."""
     law = get_distribution("normal")
     x = torch.eye(2, dtype=dtype).expand(3, 2, 2).contiguous()
     weight = torch.ones(2, 2, dtype=dtype)
@@ -250,3 +247,6 @@ def warm_up(dtype: torch.dtype) -> None:
     weight_grad(ds, active, x, 0.9, weight.shape, True, Workspace())
     input_grad(ds, active, 0.9, weight, active, Workspace())
     time_filter(torch.ones(3, 2, dtype=dtype), 0.9, True)
+
+
+native.register_warm_up(warm_up)
