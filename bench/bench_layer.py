@@ -1,13 +1,14 @@
 """SHD-shaped training-step benchmark: standard autograd BPTT vs the engine's dense, sparse and auto paths.
 
 Network 700 -> 200 -> 200 -> 20 (LIF, LIF, leaky readout), T = 500, B = 256, beta = e^-0.2,
-LocalZO delta 0.05, m 1, normal; input Bernoulli spikes (rate --input-rate, SHD-like). All methods
-run on the SAME weights and batch, timed in one process after a warm-up (medians of --repeats);
-peak memory is the growth of the peak resident set of a fresh process that runs two steps of one
-method, measured from after a tiny warm-up step that loads the libraries (so each number is that
-method's working memory alone); on a GPU, the allocator's peak during one step above what was
-allocated before it, after a warm-up step. Both take the input (--events) and loss (--regulariser)
-of the timed steps.
+LocalZO delta 0.05, m 1, normal; input Bernoulli spikes (rate --input-rate, SHD-like). The BPTT is
+the package's autograd reference (`ztriton.bptt`: time axis unbound once, the dense normal
+surrogate at the same delta). All methods run on the SAME weights and batch, timed in one process
+after a warm-up (medians of --repeats); peak memory is the growth of the peak resident set of a
+fresh process that runs two steps of one method, measured from after a tiny warm-up step that
+loads the libraries (so each number is that method's working memory alone); on a GPU, the
+allocator's peak during one step above what was allocated before it, after a warm-up step. Both
+take the input (--events) and loss (--regulariser) of the timed steps.
 
     python bench/bench_layer.py                # full size (about 1-2 minutes on 2 cores)
     python bench/bench_layer.py --steps 100    # quicker
@@ -32,77 +33,29 @@ import torch
 from torch import nn
 
 from ztriton import LeakyReadout, SilentLayerWarning, SparseLIFLinear, get_distribution
+from ztriton.bptt import BPTTLIF, BPTTReadout, Surrogate
 from ztriton.train import Config, spike_regulariser
 
 METHODS = ("bptt", "dense", "sparse", "auto")
 
 
-class SurrogateSpike(torch.autograd.Function):
-    """Standard surrogate spike: Heaviside forward, saves v, dense surrogate in backward."""
-
-    delta = 0.05
-
-    @staticmethod
-    def forward(ctx, v):
-        ctx.save_for_backward(v)
-        return (v > 0).to(v.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (v,) = ctx.saved_tensors
-        d = SurrogateSpike.delta
-        return grad * torch.exp(-0.5 * (v / d) ** 2) / (d * math.sqrt(2 * math.pi))
-
-
-class BPTTLayer(nn.Module):
-    """A well-written autograd LIF layer: one GEMM for all steps, time axis unbound once."""
-
-    def __init__(self, n_in, n_out, beta):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_out, n_in))
-        self.beta = beta
-
-    def forward(self, x):
-        currents = torch.matmul(x, self.weight.t()).unbind(0)
-        u = torch.zeros_like(currents[0])
-        s = torch.zeros_like(currents[0])
-        out = []
-        for i_t in currents:
-            u = self.beta * u + i_t - s.detach()
-            s = SurrogateSpike.apply(u - 1.0)
-            out.append(s)
-        return torch.stack(out)
-
-
-class BPTTReadout(nn.Module):
-    def __init__(self, n_in, n_out, beta):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_out, n_in))
-        self.beta = beta
-
-    def forward(self, s):
-        currents = (torch.matmul(s, self.weight.t()) * (1 - self.beta)).unbind(0)
-        o = torch.zeros_like(currents[0])
-        out = []
-        for i_t in currents:
-            o = self.beta * o + i_t
-            out.append(o)
-        return torch.stack(out)
-
-
 def build(method: str, args) -> nn.Sequential:
     beta, beta_out = math.exp(-0.2), math.exp(-0.1)
     sizes = [args.inputs] + [args.hidden] * args.layers
-    if method == "bptt":
-        hidden = [BPTTLayer(a, b, beta) for a, b in zip(sizes[:-1], sizes[1:])]
-        readout = BPTTReadout(args.hidden, args.classes, beta_out)
+    if method == "bptt":  # the package's autograd BPTT, dense surrogate of the engine's law and delta
+        # made on meta, then given storage: its weights come from `gen` below, nothing is drawn from the
+        # global generator (whose state sets the LocalZO keys of what runs next, e.g. gpu_report's activity)
+        surrogate = Surrogate.dense("normal", args.delta)
+        hidden = [BPTTLIF(a, b, beta=beta, surrogate=surrogate, device="meta") for a, b in zip(sizes[:-1], sizes[1:])]
+        readout = BPTTReadout(args.hidden, args.classes, beta=beta_out, device="meta")
+        model = nn.Sequential(*hidden, readout).to_empty(device="cpu")
     else:
         hidden = [
             SparseLIFLinear(a, b, beta=beta, grad="localzo", dist="normal", delta=args.delta, m=1, path=method)
             for a, b in zip(sizes[:-1], sizes[1:])
         ]
         readout = LeakyReadout(args.hidden, args.classes, beta=beta_out)
-    model = nn.Sequential(*hidden, readout)
+        model = nn.Sequential(*hidden, readout)
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # identical weights for every method
         for layer in model:

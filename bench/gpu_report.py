@@ -10,7 +10,8 @@ without a GPU, so the prediction exists before the measurement. For the step of 
 
 - device ops: torch ops and Triton launches of one engine step, counted by `ztriton.counting` on a
   small grid (they do not depend on T or on the active count: `tests/test_device_work.py`); for the
-  eager BPTT, counted at T 4 and 8 and extrapolated linearly in T;
+  eager BPTT (the package's autograd reference `ztriton.bptt`, as `bench_layer.py` builds and times
+  it), counted at T 4 and 8 and extrapolated linearly in T;
 - bytes moved and flops of every kernel, from the shape and the activity measured on that batch
   (weights are read from L2 and not counted; the rows the weight gradients gather are counted as
   DRAM reads, an upper bound);
@@ -143,7 +144,8 @@ def count_engine(device) -> tuple[DeviceWork, DeviceWork]:
 
 
 def count_bptt(device) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(forward, backward) device ops of the eager BPTT as (fixed, per time step)."""
+    """(forward, backward) device ops of the eager BPTT (`ztriton.bptt`, bench_layer's "bptt" model) as
+    (fixed, per time step)."""
     counts = []
     for t in (4, 8):
         args = _small(t)

@@ -1,7 +1,7 @@
 """Gradients under any composition: sparse input gradients travel through autograd itself.
 
-Every test compares with plain autograd BPTT written independently (`test_layers.reference_lif`),
-each layer using the g its own forward formed, on both paths and all three gradient rules.
+Every test compares with the plain autograd BPTT of `ztriton.bptt` (written independently of the
+engine), each layer using the g its own forward formed, on both paths and all three gradient rules.
 """
 
 import warnings
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from test_layers import FixedGrad, reference_lif, reference_readout
 from ztriton import LeakyReadout, SilentLayerWarning, SparseLIFLinear, spike_count
+from ztriton.bptt import BPTTLIF, BPTTReadout, Surrogate
 from ztriton.sparse import ActiveSet, producer_of, values_at
 
 TOL = dict(rtol=1e-9, atol=1e-9)  # float64 engine vs float64 autograd: summation order only
@@ -39,25 +39,20 @@ def g_of(layer, v_shape_spikes, grad):
 
 
 def reference(l1, l2, readout, x, g1, g2, between, grad, with_count=False):
-    """Autograd BPTT with fixed g per layer (`None`: the dense surrogate of `grad`)."""
-    from ztriton.functional import surrogate_spike
-
-    def spike(g):
-        if g is not None:
-            return lambda v, t: FixedGrad.apply(v, g[t])
-        return lambda v, t: surrogate_spike(v, "normal", 0.4)
-
+    """Autograd BPTT with fixed g per layer (`None`: the dense normal surrogate at the layers' delta)."""
+    surrogate = Surrogate.dense("normal", 0.4)
+    r1, r2 = BPTTLIF.from_layer(l1, surrogate), BPTTLIF.from_layer(l2, surrogate)
+    r3 = BPTTReadout.from_layer(readout)
     xi = x.clone().requires_grad_(True)
-    w = [m.weight.detach().clone().requires_grad_(True) for m in (l1, l2, readout)]
-    h1 = reference_lif(xi, w[0], None, l1.beta, l1.threshold, spike(g1))
+    h1 = r1(xi, g1)
     h1.retain_grad()
     h = between(h1.clone())
-    h2 = reference_lif(h, w[1], None, l2.beta, l2.threshold, spike(g2))
-    loss = reference_readout(h2, w[2], readout.beta).amax(0).pow(2).sum()
+    h2 = r2(h, g2)
+    loss = r3(h2).amax(0).pow(2).sum()
     if with_count:
         loss = loss + 0.3 * h1.sum(0).pow(2).sum() + 0.2 * h2.sum(0).sum()
     loss.backward()
-    return [p.grad for p in w] + [xi.grad], h1.grad
+    return [m.weight.grad for m in (r1, r2, r3)] + [xi.grad], h1.grad
 
 
 def engine(grad, path, between, with_count=False, backward=None):
@@ -206,17 +201,14 @@ def test_half_precision_forms_the_current_in_half_and_runs_the_membrane_in_fp32(
     spikes.backward(grad_out.to(dtype))
     current = torch.matmul(x, layer.weight.detach().t()).double()  # formed in the layer's dtype, as nn.Linear
     w = layer.weight.detach().double().requires_grad_(True)
-    from ztriton.functional import sparsegrad_spike
-
-    ref = reference_lif(current, torch.eye(30, dtype=torch.float64), None, 0.95, 1.0,
-                        lambda v, t: sparsegrad_spike(v, "normal", 0.3))
+    lif = BPTTLIF(40, 30, beta=0.95, surrogate=Surrogate.truncated("normal", 0.3))  # its dynamics on `current`
+    ref = lif.dynamics(current)
     assert spikes.dtype == dtype
     assert (spikes.double() != ref).double().mean() < 1e-3  # fp32 vs fp64 membrane: flips at threshold only
     assert 0.02 < ref.mean() < 0.5
     exact = x.double() @ w.t()
     straight_through = current + (exact - exact.detach())  # the half current's value, the gradient of x W^T
-    ref_w = reference_lif(straight_through, torch.eye(30, dtype=torch.float64), None, 0.95, 1.0,
-                          lambda v, t: sparsegrad_spike(v, "normal", 0.3))
+    ref_w = lif.dynamics(straight_through)
     ref_w.backward(grad_out)
     scale = float(w.grad.abs().max())
     torch.testing.assert_close(layer.weight.grad.double(), w.grad, rtol=2e-2, atol=2e-2 * scale)
@@ -232,7 +224,7 @@ def test_half_precision_membrane_matches_fp32_on_a_long_sequence():
     half = layer.to(torch.bfloat16)
     with torch.no_grad():
         current = torch.matmul(x.bfloat16(), half.weight.t()).float()
-        ref = reference_lif(current, torch.eye(50), None, 0.98, 1.0, lambda v, t: (v > 0).float())
+        ref = BPTTLIF(70, 50, beta=0.98).dynamics(current)
         out = half(x.bfloat16())
     assert ref.mean() > 0.02
     assert (out.float() != ref).float().mean() < 1e-3

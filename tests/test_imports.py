@@ -18,7 +18,7 @@ ORDER = [
     "ztriton.backends.triton_backend", "ztriton.backends",
     "ztriton.ops.common", "ztriton.ops.leaky_readout", "ztriton.ops.lif_linear", "ztriton.ops",
     "ztriton.layers", "ztriton.init", "ztriton.calibration",
-    "ztriton.train", "ztriton.compare", "ztriton.cli", "ztriton.__main__", "ztriton",
+    "ztriton.train", "ztriton.bptt", "ztriton.compare", "ztriton.cli", "ztriton.__main__", "ztriton",
 ]
 
 

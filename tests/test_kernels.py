@@ -293,24 +293,19 @@ def test_triton_layer_equals_torch_layer_without_draws(grad, path, bias):
 
 
 def test_triton_localzo_layer_matches_autograd_bptt_with_its_g():
-    from test_layers import reference_lif, reference_readout, FixedGrad
+    from ztriton.bptt import BPTTNet
 
     layers, readout = _stack("triton", "localzo")
     spikes, grads = _run(layers, readout, X)
     assert all(layer.stats["backend"] == "triton" for layer in layers)
     assert 0 < layers[0].stats["active_fraction"] < 0.9
     xi = X.clone().requires_grad_(True)
-    weights = [m.weight.detach().cpu().requires_grad_(True) for m in layers + [readout]]
-    h, ref_spikes = xi, []
-    for layer, w, s in zip(layers, weights, spikes):
-        g = producer_of(s).dense().cpu()
-        h = reference_lif(h, w, None, layer.beta, layer.threshold, lambda v, t, g=g: FixedGrad.apply(v, g[t]))
-        ref_spikes.append(h)
-    out = reference_readout(h, weights[-1], readout.beta)
+    ref = BPTTNet.from_layers(layers, readout).cpu()
+    out, ref_spikes = ref(xi, g=[producer_of(s).dense().cpu() for s in spikes])
     (out.amax(0).pow(2).sum() + 0.1 * sum(s.sum() for s in ref_spikes)).backward()
     for a, b in zip(spikes, ref_spikes):
         assert (a.cpu() != b.detach()).float().mean() <= 1e-3
-    for a, b in zip(grads, [w.grad for w in weights] + [xi.grad]):
+    for a, b in zip(grads, [m.weight.grad for m in ref.layers()] + [xi.grad]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

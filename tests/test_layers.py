@@ -6,43 +6,9 @@ import pytest
 import torch
 
 from ztriton import LeakyReadout, Scheduler, SparseLIFLinear
-from ztriton.functional import localzo_grad, sparsegrad_grad, sparsegrad_spike, surrogate_spike
+from ztriton.bptt import BPTTLIF, BPTTNet, Surrogate
+from ztriton.functional import localzo_grad, sparsegrad_grad
 from ztriton.sparse import producer_of
-
-
-def reference_lif(x, weight, bias, beta, threshold, spike):
-    """Step-by-step eq. 1 with plain autograd; `spike(v, t)` is the spike function at step t."""
-    current = x @ weight.t() + (0 if bias is None else bias)
-    u = torch.zeros_like(current[0])
-    s = torch.zeros_like(current[0])
-    out = []
-    for t, i_t in enumerate(current.unbind(0)):
-        u = beta * u + i_t - threshold * s.detach()  # the reset is not differentiated
-        s = spike(u - threshold, t)
-        out.append(s)
-    return torch.stack(out)
-
-
-class FixedGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, g):
-        ctx.save_for_backward(g)
-        return (v > 0).to(v.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (g,) = ctx.saved_tensors
-        return grad * g, None
-
-
-def reference_readout(s, weight, beta):
-    current = (s @ weight.t()) * (1 - beta)
-    o = torch.zeros_like(current[0])
-    out = []
-    for i_t in current.unbind(0):
-        o = beta * o + i_t
-        out.append(o)
-    return torch.stack(out)
 
 
 def make_stack(sizes, betas, path, grad="localzo", delta=0.2, gain=3.0, seed=0, dtype=torch.float64, **kw):
@@ -72,20 +38,20 @@ def run_stack(layers, readout, x, seed=7):
     return spikes, grads
 
 
+def g_of(spikes, dtype):
+    """The g a sparse-path layer formed for these spikes, as a dense grid (zeros where it kept none)."""
+    active = producer_of(spikes)
+    return active.dense().to(dtype) if active is not None else torch.zeros_like(spikes)
+
+
 def reference_stack(layers, readout, x, spikes):
     """Plain autograd BPTT through the same forward, each layer using the g its LocalZO forward drew."""
     xi = x.clone().requires_grad_(True)
-    weights = [m.weight.detach().clone().requires_grad_(True) for m in layers + [readout]]
-    h, ref_spikes = xi, []
-    for layer, w, s in zip(layers, weights, spikes):
-        active = producer_of(s)
-        g = active.dense().to(x.dtype) if active is not None else torch.zeros_like(s)
-        h = reference_lif(h, w, None, layer.beta, layer.threshold, lambda v, t, g=g: FixedGrad.apply(v, g[t]))
-        ref_spikes.append(h)
-    out = reference_readout(h, weights[-1], readout.beta)
+    ref = BPTTNet.from_layers(layers, readout)
+    out, ref_spikes = ref(xi, g=[g_of(s, x.dtype) for s in spikes])
     loss = out.max(0).values.pow(2).sum() + 0.1 * sum(s.sum() for s in ref_spikes)
     loss.backward()
-    return ref_spikes, [w.grad for w in weights] + [xi.grad]
+    return ref_spikes, [m.weight.grad for m in ref.layers()] + [xi.grad]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -98,7 +64,7 @@ def test_forward_matches_step_by_step_eq1(dtype):
     x = torch.rand(41, 6, 23, dtype=dtype)  # real-valued input
     with torch.no_grad():
         out = layer(x)
-        ref = reference_lif(x.double(), layer.weight.double(), layer.bias.double(), 0.9, 0.7, lambda v, t: (v > 0).double())
+        ref = BPTTLIF.from_layer(layer, dtype=torch.float64)(x.double())
     assert out.dtype == dtype and out.shape == (41, 6, 19)
     assert 0.05 < ref.mean() < 0.95
     if dtype == torch.float64:
@@ -169,7 +135,6 @@ def test_layer_localzo_g_equals_functional_estimate():
     layer.generator = gen
     spikes = layer(x.requires_grad_(True))
     with torch.no_grad():
-        v = reference_lif(x, layer.weight, None, 0.9, 1.0, lambda v, t: (v > 0).float()) * 0  # shape only
         current = x @ layer.weight.t()
         vs, u, s = [], torch.zeros(4, 12), torch.zeros(4, 12)
         for t in range(20):
@@ -193,13 +158,10 @@ def test_sparsegrad_and_surrogate_modes_match_autograd(mode, path):
     x = (torch.rand(25, 3, 15) < 0.4).double()
     grad_out = torch.randn(25, 3, 9, dtype=torch.float64)
     layer(x).backward(grad_out)
-    w = layer.weight.detach().clone().requires_grad_(True)
-    if mode == "sparsegrad":
-        spike = lambda v, t: sparsegrad_spike(v, "normal", 0.1)  # noqa: E731
-    else:
-        spike = lambda v, t: surrogate_spike(v, "normal", 0.1)  # noqa: E731
-    reference_lif(x, w, None, 0.85, 1.0, spike).backward(grad_out)
-    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-9, atol=1e-9)
+    surrogate = Surrogate.truncated("normal", 0.1) if mode == "sparsegrad" else Surrogate.dense("normal", 0.1)
+    ref = BPTTLIF.from_layer(layer, surrogate)
+    ref(x).backward(grad_out)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-9, atol=1e-9)
     if mode == "sparsegrad":
         assert layer.rule.bth == pytest.approx(0.1 * math.sqrt(2 / math.pi))
 

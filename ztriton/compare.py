@@ -21,52 +21,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .train import PRESETS, Config, load_data, train
+from .train import Config, load_data, train
 
 METHODS = ("surrogate", "sparsegrad", "localzo")
 
 
-class _BPTTLayer(nn.Module):
-    """Plain autograd LIF (eq. 1, reset detached), dense surrogate: the baseline of the last column."""
-
-    def __init__(self, weight: torch.Tensor, beta: float, delta: float, law):
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.beta, self.delta, self.law = beta, delta, law
-
-    def forward(self, x):
-        from .functional import surrogate_spike
-
-        currents = torch.matmul(x, self.weight.t()).unbind(0)
-        u = torch.zeros_like(currents[0])
-        s = torch.zeros_like(currents[0])
-        out = []
-        for current in currents:
-            u = self.beta * u + current - s.detach()
-            s = surrogate_spike(u - 1.0, self.law, self.delta)
-            out.append(s)
-        return torch.stack(out)
-
-
 def bptt_step_seconds(cfg: Config, train_data, repeats: int = 3) -> float:
-    """Median seconds of one forward + backward of an autograd BPTT of the configured network on a batch."""
-    from .layers import LeakyReadout
-    from .train import SNN
+    """Median seconds of one forward + backward of the autograd BPTT of the configured network
+    (`ztriton.bptt.snn_reference`: the SNN's sizes, law and initial weights for cfg.seed, the dense
+    surrogate, the autograd readout) on a batch of dense input, cross-entropy of its logits."""
+    from .bptt import snn_reference
 
     torch.manual_seed(cfg.seed)
-    model = SNN(train_data.inputs, train_data.classes, cfg)
-    layers = [_BPTTLayer(layer.weight, layer.beta, cfg.delta, layer.rule.law) for layer in model.hidden]
-    readout: LeakyReadout = model.readout
+    model = snn_reference(train_data.inputs, train_data.classes, cfg)
     x, y = train_data.batch(torch.arange(min(cfg.batch_size, len(train_data))))
     x = x.to_dense() if x.is_sparse else x
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        h = x
-        for layer in layers:
-            h = layer(h)
-        out = readout(h)
-        logits = out.amax(0) if PRESETS[cfg.dataset]["readout"] == "max" else out.sum(0)
+        logits, _ = model(x)
         nn.functional.cross_entropy(logits, y).backward()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
