@@ -7,6 +7,7 @@ readout; loss = NLL of log-softmax + a spike-count regulariser on the hidden lay
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -24,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._checks import positive_int
-from .data import DataError, load_fmnist, load_mnist5k, load_nmnist, load_shd
+from .data import DataError, EventDataset, SpikeTimeDataset, load_fmnist, load_mnist5k, load_nmnist, load_shd
 from .functional import spike_count
 from .layers import LeakyReadout, SparseLIFLinear
 
@@ -421,6 +422,33 @@ def _trim_metrics(path: Path, epochs: int) -> None:
             os.replace(tmp, path)
 
 
+@dataclass
+class _Run:
+    """One training run's state: what `_build` makes, `_start` or `_restore` sets, and the epochs add to."""
+
+    cfg: Config  # resolved; init_gains from the data-driven init or the checkpoint
+    run_dir: Path
+    procs: Processes
+    train_data: SpikeTimeDataset | EventDataset
+    test_data: SpikeTimeDataset | EventDataset
+    model: SNN
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    shuffle: torch.Generator  # the batch order of every epoch, one permutation each
+    steps: list[dict] = field(default_factory=list)  # every step's record, the checkpoint's "steps"
+    epochs: list[dict] = field(default_factory=list)  # every finished epoch's metrics.jsonl entry
+    saved_epoch: int = 0  # epochs finished and in checkpoint.pt
+    epoch: int = 0  # the epoch in progress, 0-based
+
+    @property
+    def device(self) -> torch.device:
+        return self.procs.device
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
     """Train, writing metrics.jsonl, summary.json, config.json, checkpoint.pt and training.png to `run_dir`.
 
@@ -428,155 +456,235 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     Ctrl-C or SIGTERM mid-epoch leaves the checkpoint of the last finished epoch untouched and raises
     `Interrupted`; resuming from it repeats the interrupted epoch exactly as an uninterrupted run.
     """
-    from tqdm import tqdm
+    run = _build(cfg, run_dir)
+    if resume:
+        _restore(run)
+    else:
+        _start(run)
+    trained = run.procs.wrap(run.model)  # after both: DDP starts every process from process 0's weights
+    with _interruptible(run):
+        for epoch in range(run.saved_epoch, run.cfg.epochs):
+            run.epoch = epoch
+            entry = _train_epoch(run, trained, progress)
+            run.epochs.append(entry)
+            _log_epoch(run, entry)
+            _save_checkpoint(run)
+    summary = _summary(run)
+    _write_summary(run, summary)
+    run.procs.finish()
+    return summary
 
+
+def _build(cfg: Config, run_dir: Path) -> _Run:
+    """The run's parts: resolved config, process group and device, data, seeded model, Adam, schedule."""
     cfg = cfg.resolved()
     procs = Processes(cfg.device)
-    device = procs.device
     train_data, test_data = load_data(cfg)
     torch.manual_seed(cfg.seed)
-    model = SNN(train_data.inputs, train_data.classes, cfg).to(device)
-    if cfg.init == "auto" and not resume:  # gains measured on one batch (inference only: no RNG use)
-        from .init import scale_to_activity
-
-        first = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.batch_size]
-        cfg.init_gains = scale_to_activity(model.hidden, to_device(*train_data.batch(first), device)[0])
-        if procs.main:
-            print("init auto: hidden-layer gains " + ", ".join(f"{g:.3g}" for g in cfg.init_gains))
+    model = SNN(train_data.inputs, train_data.classes, cfg).to(procs.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     total_steps = cfg.epochs * math.ceil(len(train_data) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, total_steps))
-    start_epoch, step_log, epoch_log = 0, [], []
-    checkpoint_path = run_dir / "checkpoint.pt"
-    if resume:
-        state = torch.load(checkpoint_path, weights_only=False, map_location=device)
-        ignore = {"epochs", "init_gains"}  # a resumed run may go on longer; its gains are the checkpoint's
-        if {k: v for k, v in state["config"].items() if k not in ignore} != {
-            k: v for k, v in asdict(cfg).items() if k not in ignore
-        }:
-            raise ValueError(f"{checkpoint_path} was written with another configuration; refusing to resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        cfg.init_gains = state["config"].get("init_gains")
-        if len(state["rng"]) != procs.world:
-            raise ValueError(f"{checkpoint_path} holds the RNG states of {len(state['rng'])} processes, "
-                             f"this run has {procs.world}; resume with as many processes")
-        set_rng_states(state["rng"][procs.rank], device)  # each process its own stream
-        start_epoch, step_log, epoch_log = state["epoch"], state["steps"], state["epochs"]
+    return _Run(cfg, run_dir, procs, train_data, test_data, model, optimizer, scheduler,
+                shuffle=torch.Generator().manual_seed(cfg.seed))
+
+
+def _start(run: _Run) -> None:
+    """A new run: the data-driven init (--init auto), the run folder with config.json, and under
+    torchrun every process's own LocalZO stream."""
+    cfg, procs = run.cfg, run.procs
+    if cfg.init == "auto":  # gains measured on one batch (inference only: no RNG use)
+        from .init import scale_to_activity
+
+        first = torch.randperm(len(run.train_data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.batch_size]
+        cfg.init_gains = scale_to_activity(run.model.hidden, to_device(*run.train_data.batch(first), run.device)[0])
         if procs.main:
-            _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
-            print(f"resuming {run_dir} after epoch {start_epoch}")
-    elif procs.main:
-        run_dir.mkdir(parents=True, exist_ok=False)
-        _write_json(asdict(cfg), run_dir / "config.json")
-    if procs.world > 1 and not resume:
+            print("init auto: hidden-layer gains " + ", ".join(f"{g:.3g}" for g in cfg.init_gains))
+    if procs.main:
+        run.run_dir.mkdir(parents=True, exist_ok=False)
+        _write_json(asdict(cfg), run.run_dir / "config.json")
+    if procs.world > 1:
         torch.manual_seed(cfg.seed + procs.rank)  # independent LocalZO draws in every process
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(start_epoch):
-        torch.randperm(len(train_data), generator=shuffle)  # replay the shuffles already done
-    trained = procs.wrap(model)
 
-    def checkpoint(epoch):
-        states = procs.gather(rng_states(device))  # every process's generators, in rank order
-        if procs.main:
-            _atomic_save(
-                {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(),
-                 "rng": states, "epoch": epoch, "steps": step_log, "epochs": epoch_log},
-                checkpoint_path,
-            )
 
-    epoch = saved_epoch = start_epoch
+def _restore(run: _Run) -> None:
+    """Resume from checkpoint.pt: model, optimizer, schedule, logs and every process's RNG stream, the
+    shuffles done replayed; metrics.jsonl cut back to the checkpoint. Refuses another configuration
+    (but --epochs) or another number of processes."""
+    cfg, procs, path = run.cfg, run.procs, run.checkpoint_path
+    state = torch.load(path, weights_only=False, map_location=run.device)
+    ignore = {"epochs", "init_gains"}  # a resumed run may go on longer; its gains are the checkpoint's
+    if {k: v for k, v in state["config"].items() if k not in ignore} != {
+        k: v for k, v in asdict(cfg).items() if k not in ignore
+    }:
+        raise ValueError(f"{path} was written with another configuration; refusing to resume")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    cfg.init_gains = state["config"].get("init_gains")
+    if len(state["rng"]) != procs.world:
+        raise ValueError(f"{path} holds the RNG states of {len(state['rng'])} processes, "
+                         f"this run has {procs.world}; resume with as many processes")
+    set_rng_states(state["rng"][procs.rank], run.device)  # each process its own stream
+    run.saved_epoch = run.epoch = state["epoch"]
+    run.steps, run.epochs = state["steps"], state["epochs"]
+    for _ in range(run.saved_epoch):
+        torch.randperm(len(run.train_data), generator=run.shuffle)  # replay the shuffles already done
+    if procs.main:
+        _trim_metrics(run.run_dir / "metrics.jsonl", run.saved_epoch)
+        print(f"resuming {run.run_dir} after epoch {run.saved_epoch}")
+
+
+@dataclass
+class _EpochTally:
+    """One epoch's sums on this process: the steps' timings, and the loss and correct count of its samples."""
+
+    started: float = field(default_factory=time.perf_counter)
+    forward_s: list[float] = field(default_factory=list)
+    backward_s: list[float] = field(default_factory=list)
+    data_s: float = 0.0
+    compare_s: float = 0.0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+
+def _train_epoch(run: _Run, trained: nn.Module, progress: bool) -> dict:
+    """Epoch `run.epoch`: a step per batch of its shuffle (process 0 draws the bar), then its metrics entry."""
+    from tqdm import tqdm
+
+    cfg, procs = run.cfg, run.procs
+    tally = _EpochTally()
+    batches = torch.randperm(len(run.train_data), generator=run.shuffle).split(cfg.batch_size)
+    # disable=None: tqdm draws the bar only where stderr is a terminal (not into a log file)
+    bar = tqdm(batches, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", disable=None if progress and procs.main else True,
+               leave=False)
+    for index in bar:
+        if index.numel() < procs.world:
+            continue  # too few samples to give every process one
+        record = _train_step(run, trained, index, tally)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", active=f"{100 * record['active_fraction'][-1]:.2f}%")
+    return _epoch_entry(run, tally)
+
+
+def _train_step(run: _Run, trained: nn.Module, index: torch.Tensor, tally: _EpochTally) -> dict:
+    """One optimizer step on this process's share of the samples `index`, every --compare-every steps
+    after timing the sparse against the dense path on its batch; returns its record, appended to run.steps."""
+    cfg, procs, model = run.cfg, run.procs, run.model
+    started = time.perf_counter()
+    x, y = to_device(*run.train_data.batch(procs.shard(index)), run.device)
+    tally.data_s += time.perf_counter() - started
+    record = {"step": len(run.steps) + 1, "epoch": run.epoch + 1}
+    if cfg.compare_every and len(run.steps) % cfg.compare_every == 0 and procs.world == 1:
+        started = time.perf_counter()
+        record.update(compare_paths(model, x, y, cfg, rng_states(run.device)))
+        tally.compare_s += time.perf_counter() - started
+    loss, logits, fwd, bwd = _timed_step(trained, x, y, cfg)
+    run.optimizer.step()
+    run.scheduler.step()
+    tally.forward_s.append(fwd)
+    tally.backward_s.append(bwd)
+    loss_value = float(loss.detach())  # with the correct count, the step's two host reads
+    tally.loss_sum += loss_value * len(y)
+    tally.correct += int((logits.argmax(1) == y).sum())
+    tally.seen += len(y)
+    stats = [layer.stats for layer in model.hidden]
+    dense_ops, sparse_ops = backward_synops(model)
+    record.update(
+        loss=loss_value,
+        active_fraction=[s["active_fraction"] for s in stats],
+        paths=[s["path"] for s in stats],
+        forward_s=fwd,
+        backward_s=bwd,
+        backward_synops_saved=1.0 - sparse_ops / max(1, dense_ops),
+    )
+    run.steps.append(record)
+    return record
+
+
+def _epoch_entry(run: _Run, tally: _EpochTally) -> dict:
+    """The epoch's metrics.jsonl entry: train loss and accuracy over every process's samples, the test
+    set's, the mean activity, the summed timings and the median speedups of its compared steps."""
+    loss_sum, correct, seen = run.procs.sum(tally.loss_sum, tally.correct, tally.seen)
+    test_loss, test_acc = evaluate(run.model, run.test_data, run.cfg, run.device)
+    epoch_steps = [s for s in run.steps if s["epoch"] == run.epoch + 1]
+    return {
+        "epoch": run.epoch + 1,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "active_fraction": [statistics.mean(s["active_fraction"][i] for s in epoch_steps)
+                            for i in range(len(run.cfg.hidden))],
+        "forward_s": sum(tally.forward_s),
+        "backward_s": sum(tally.backward_s),
+        "data_s": tally.data_s,
+        "compare_s": tally.compare_s,
+        "wall_s": time.perf_counter() - tally.started,
+        "backward_speedup": _median(s.get("backward_speedup") for s in epoch_steps),
+        "overall_speedup": _median(s.get("overall_speedup") for s in epoch_steps),
+        "backward_synops_saved": statistics.mean(s["backward_synops_saved"] for s in epoch_steps),
+    }
+
+
+def _log_epoch(run: _Run, entry: dict) -> None:
+    """Process 0 appends the epoch's entry to metrics.jsonl and prints its line."""
+    if not run.procs.main:
+        return
+    with open(run.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    speed = "" if entry["backward_speedup"] is None else (
+        f"  bwd x{entry['backward_speedup']:.1f}  all x{entry['overall_speedup']:.2f}")
+    print(
+        f"epoch {entry['epoch']:3d}  train {100 * entry['train_accuracy']:5.1f}%  "
+        f"test {100 * entry['test_accuracy']:5.2f}%  loss {entry['train_loss']:.3f}  "
+        f"active {' '.join(f'{100 * a:.2f}%' for a in entry['active_fraction'])}{speed}"
+    )
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """checkpoint.pt after epoch `run.epoch`: config, model, optimizer, schedule, logs and every
+    process's RNG states (gathered in rank order), written by process 0 atomically."""
+    states = run.procs.gather(rng_states(run.device))
+    if run.procs.main:
+        _atomic_save(
+            {"config": asdict(run.cfg), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(),
+             "rng": states, "epoch": run.epoch + 1, "steps": run.steps, "epochs": run.epochs},
+            run.checkpoint_path,
+        )
+    run.saved_epoch = run.epoch + 1
+
+
+@contextlib.contextmanager
+def _interruptible(run: _Run):
+    """Ctrl-C, or SIGTERM raised like it in the main thread, becomes `Interrupted` (exit code 130 or
+    143) naming the checkpoint that stands; the previous SIGTERM handler is put back."""
     previous_handler = None
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            epoch_started = time.perf_counter()
-            batches = torch.randperm(len(train_data), generator=shuffle).split(cfg.batch_size)
-            fwd_times, bwd_times, correct, loss_sum, data_s, compare_s, seen = [], [], 0, 0.0, 0.0, 0.0, 0
-            # disable=None: tqdm draws the bar only where stderr is a terminal (not into a log file)
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress and procs.main else True,
-                       leave=False)
-            for index in bar:
-                if index.numel() < procs.world:
-                    continue  # too few samples to give every process one
-                started = time.perf_counter()
-                x, y = to_device(*train_data.batch(procs.shard(index)), device)
-                data_s += time.perf_counter() - started
-                record = {"step": len(step_log) + 1, "epoch": epoch + 1}
-                if cfg.compare_every and len(step_log) % cfg.compare_every == 0 and procs.world == 1:
-                    started = time.perf_counter()
-                    record.update(compare_paths(model, x, y, cfg, rng_states(device)))
-                    compare_s += time.perf_counter() - started
-                loss, logits, fwd, bwd = _timed_step(trained, x, y, cfg)
-                optimizer.step()
-                scheduler.step()
-                fwd_times.append(fwd)
-                bwd_times.append(bwd)
-                loss_value = float(loss.detach())  # with the correct count, the step's two host reads
-                loss_sum += loss_value * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                stats = [layer.stats for layer in model.hidden]
-                dense_ops, sparse_ops = backward_synops(model)
-                record.update(
-                    loss=loss_value,
-                    active_fraction=[s["active_fraction"] for s in stats],
-                    paths=[s["path"] for s in stats],
-                    forward_s=fwd,
-                    backward_s=bwd,
-                    backward_synops_saved=1.0 - sparse_ops / max(1, dense_ops),
-                )
-                step_log.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", active=f"{100 * stats[-1]['active_fraction']:.2f}%")
-            loss_sum, correct, seen = procs.sum(loss_sum, correct, seen)
-            test_loss, test_acc = evaluate(model, test_data, cfg, device)
-            epoch_steps = [s for s in step_log if s["epoch"] == epoch + 1]
-            entry = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(seen, 1),
-                "train_accuracy": correct / max(seen, 1),
-                "test_loss": test_loss,
-                "test_accuracy": test_acc,
-                "active_fraction": [statistics.mean(s["active_fraction"][i] for s in epoch_steps) for i in range(len(cfg.hidden))],
-                "forward_s": sum(fwd_times),
-                "backward_s": sum(bwd_times),
-                "data_s": data_s,
-                "compare_s": compare_s,
-                "wall_s": time.perf_counter() - epoch_started,
-                "backward_speedup": _median(s.get("backward_speedup") for s in epoch_steps),
-                "overall_speedup": _median(s.get("overall_speedup") for s in epoch_steps),
-                "backward_synops_saved": statistics.mean(s["backward_synops_saved"] for s in epoch_steps),
-            }
-            epoch_log.append(entry)
-            if procs.main:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-                speed = "" if entry["backward_speedup"] is None else (
-                    f"  bwd x{entry['backward_speedup']:.1f}  all x{entry['overall_speedup']:.2f}")
-                print(
-                    f"epoch {entry['epoch']:3d}  train {100 * entry['train_accuracy']:5.1f}%  "
-                    f"test {100 * test_acc:5.2f}%  loss {entry['train_loss']:.3f}  "
-                    f"active {' '.join(f'{100 * a:.2f}%' for a in entry['active_fraction'])}{speed}"
-                )
-            checkpoint(epoch + 1)
-            saved_epoch = epoch + 1
+        yield
     except KeyboardInterrupt as err:
         code = 143 if isinstance(err, _Terminated) else 130
-        if saved_epoch:
-            message = (f"interrupted in epoch {epoch + 1}: the checkpoint of epoch {saved_epoch} stands in "
-                       f"{checkpoint_path}; continue with: ztriton train --resume {run_dir}")
+        if run.saved_epoch:
+            message = (f"interrupted in epoch {run.epoch + 1}: the checkpoint of epoch {run.saved_epoch} stands in "
+                       f"{run.checkpoint_path}; continue with: ztriton train --resume {run.run_dir}")
         else:
-            message = f"interrupted in epoch {epoch + 1}, before any epoch finished: nothing to resume in {run_dir}"
+            message = f"interrupted in epoch {run.epoch + 1}, before any epoch finished: nothing to resume in {run.run_dir}"
         raise Interrupted(code, message) from None
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    summary = {
-        "dataset": cfg.dataset,
-        "grad": cfg.grad,
+
+
+def _summary(run: _Run) -> dict:
+    """summary.json: the last and best test accuracy, the median speedups of the epochs, the last
+    epoch's activity and savings, the run's wall time and the share of it the comparisons took."""
+    epoch_log = run.epochs
+    return {
+        "dataset": run.cfg.dataset,
+        "grad": run.cfg.grad,
         "epochs": len(epoch_log),
         "test_accuracy": epoch_log[-1]["test_accuracy"] if epoch_log else None,
         "best_test_accuracy": max(e["test_accuracy"] for e in epoch_log) if epoch_log else None,
@@ -588,12 +696,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         "compare_share": (sum(e.get("compare_s", 0.0) for e in epoch_log)
                           / max(1e-9, sum(e.get("wall_s", 0.0) for e in epoch_log))),
     }
-    if procs.main:
-        _write_json(summary, run_dir / "summary.json")
-        if step_log:
-            plot_run(run_dir, step_log, epoch_log)
-    procs.finish()
-    return summary
+
+
+def _write_summary(run: _Run, summary: dict) -> None:
+    """Process 0 writes summary.json and, where any step ran, training.png."""
+    if run.procs.main:
+        _write_json(summary, run.run_dir / "summary.json")
+        if run.steps:
+            plot_run(run.run_dir, run.steps, run.epochs)
 
 
 __all__ = ["Config", "Interrupted", "SNN", "train", "DataError", "PRESETS"]
