@@ -243,7 +243,7 @@ def test_gpu_weight_grad_at_paper_shape():
 
 # --- the layer on the Triton backend -------------------------------------------------------------
 
-from ztriton import LeakyReadout, SparseLIFLinear  # noqa: E402
+from ztriton import BackendFallbackWarning, LeakyReadout, SparseLIFLinear  # noqa: E402
 from ztriton.sparse import producer_of  # noqa: E402
 
 
@@ -348,4 +348,7 @@ def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
     assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").resolve_backend().name == "native"
     assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").half().resolve_backend().name == "torch"
     monkeypatch.setattr("ztriton.native.AVAILABLE", False)  # without numba, auto falls back to torch
-    assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").resolve_backend().name == "torch"
+    monkeypatch.setattr("ztriton.native.UNAVAILABLE_REASON", "numba is not installed")
+    monkeypatch.setattr("ztriton.layers._warned_no_native", False)
+    with pytest.warns(BackendFallbackWarning, match=r"the CPU and a float32/64 layer \(numba is not installed\)"):
+        assert SparseLIFLinear(4, 3, beta=0.9, backend="auto").resolve_backend().name == "torch"
