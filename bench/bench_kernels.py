@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ztriton.backends.torch_backend import reverse_filter_, sparse_weight_grad
+from ztriton.backends.time_filter import reverse_filter_
+from ztriton.backends.weight_grad import sparse_weight_grad
 from ztriton.sparse import ActiveSet
 from ztriton.scheduler import crossover_density
 

@@ -382,7 +382,7 @@ def test_mixed_paths_between_layers(paths, grad):
 
 def test_time_chunks_of_the_forward_join_seamlessly():
     """T = 150 runs as pieces of FORWARD_CHUNK = 64 steps: spikes and gradients stay exact."""
-    from ztriton.backends.torch_backend import FORWARD_CHUNK
+    from ztriton.backends.lif_forward import FORWARD_CHUNK
 
     steps = 2 * FORWARD_CHUNK + 22
     x = (torch.rand(steps, 3, 11, generator=torch.Generator().manual_seed(5)) < 0.3).double()
@@ -403,7 +403,7 @@ def test_time_chunks_of_the_forward_join_seamlessly():
 @pytest.mark.parametrize("binary", [True, False])
 def test_sparse_inputs_take_the_event_driven_current(binary):
     """Inputs below EVENT_DENSITY are summed over their events: same spikes and gradients as eq. 1."""
-    from ztriton.backends.torch_backend import EVENT_DENSITY
+    from ztriton.backends.lif_forward import EVENT_DENSITY
 
     gen = torch.Generator().manual_seed(8)
     mask = torch.rand(90, 6, 40, generator=gen) < 0.02
@@ -420,7 +420,7 @@ def test_sparse_inputs_take_the_event_driven_current(binary):
 
 
 def test_event_current_equals_the_gemm_and_declines_dense_input():
-    from ztriton.backends.torch_backend import event_current, input_events
+    from ztriton.backends.lif_forward import event_current, input_events
 
     gen = torch.Generator().manual_seed(4)
     weight = torch.randn(7, 30, generator=gen, dtype=torch.float64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ztriton import SparseLIFLinear, get_distribution, native, rng
-from ztriton.backends.torch_backend import FORWARD_CHUNK
+from ztriton.backends.lif_forward import FORWARD_CHUNK
 from ztriton.distributions import FastSigmoid, Sigmoid
 from ztriton.functional import localzo_grad
 from ztriton.sparse import producer_of

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .backends.torch_backend import lif_recurrence
+from .backends.lif_forward import lif_recurrence
 from .layers import SparseLIFLinear
 from .scheduler import DEFAULT_SCHEDULER, calibration_file, crossover_density, device_key
 
@@ -51,7 +51,7 @@ def calibrate(
     "sparse_spread" (interquartile ranges), "shape", "repeats", "backend"}.
     """
     from .layers import SparseLIFLinear  # the layer is what is being timed
-    from .backends.torch_backend import lif_recurrence
+    from .backends.lif_forward import lif_recurrence
 
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -106,11 +106,12 @@ class SparseLIFLinear(nn.Module):
     at those entries (hooks and `retain_grad` on the spikes see that layout; see `ztriton.sparse`).
 
     `stats` holds, for the last forward: `active_fraction`, `path`, `saved_bytes` (kept for
-    backward), `backend`, `ops` (the implementation of each op of the call: forward, weight_grad,
-    input_grad, time_filter), `fallback` (why backend="auto" took the torch backend, else None),
-    `grid`, `crossover` and where it came from. Working buffers are cached on
-    the layer between calls (`workspace_bytes`). A training forward in which the layer neither
-    fires nor has an active entry warns once (`SilentLayerWarning`): such a layer gets no gradient.
+    backward), `backend`, `ops` (the implementation that ran each op of the call: forward and,
+    once its backward has run, weight_grad, input_grad, time_filter), `fallback` (why
+    backend="auto" took the torch backend, else None), `grid`, `crossover` and where it came from.
+    Working buffers are cached on the layer between calls (`workspace_bytes`). A training forward in
+    which the layer neither fires nor has an active entry warns once (`SilentLayerWarning`): such a
+    layer gets no gradient.
     """
 
     def __init__(
@@ -231,16 +232,17 @@ class LeakyReadout(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.workspace = backends.Workspace()
-        #: for the last forward: `backend`, `ops` (current: a torch GEMM; time_filter) and `fallback`
+        #: for the last forward: `backend`, `ops` (current: a torch GEMM; time_filter; after backward,
+        #: input_grad when the input needs a gradient) and `fallback`
         self.stats: dict = {}
         self._warned_fallback = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features)
         backend = _resolve(self, None)
-        self.stats.update(backend=backend.name,
-                          ops={"current": "torch", "time_filter": backend.implementation("time_filter", None, False)})
-        return LeakyReadoutFunction.apply(x, self.weight, self.bias, self.beta, backend, self.workspace)
+        ops = {"current": "torch"}  # the Function adds the ops it runs
+        self.stats.update(backend=backend.name, ops=ops)
+        return LeakyReadoutFunction.apply(x, self.weight, self.bias, self.beta, backend, self.workspace, ops)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}"

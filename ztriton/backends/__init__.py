@@ -1,6 +1,7 @@
-"""Backends of the layers' operations, behind one protocol (`base.Backend`).
+"""Backends of the layers' operations: `REGISTRY` of backends (`base.Backend`: where each runs),
+the op registry (`registry`: each op's implementation per backend) and `select`.
 
-A new backend is one module implementing the protocol and one line in REGISTRY.
+A new backend is one module implementing the protocol, registering its ops, and one line in REGISTRY.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 
 from .. import native
 from .base import Backend, LIFConfig, LIFForward, SpikeRule, Workspace, compute_dtype
+from .registry import dispatch
 from .native_backend import DTYPES as NATIVE_DTYPES, NativeBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
@@ -65,5 +67,5 @@ def select(name: str, device: torch.device, dtype: torch.dtype,
     return REGISTRY["torch"], ("; ".join(reasons) or None)
 
 
-__all__ = ["Backend", "LIFConfig", "LIFForward", "REGISTRY", "SpikeRule", "Workspace", "compute_dtype", "select",
-           "unavailable"]
+__all__ = ["Backend", "LIFConfig", "LIFForward", "REGISTRY", "SpikeRule", "Workspace", "compute_dtype", "dispatch",
+           "select", "unavailable"]

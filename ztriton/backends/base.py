@@ -1,9 +1,8 @@
-"""The backend protocol: what every implementation of the layers' operations provides.
+"""The types every backend shares: the backend protocol, the layer configuration, the workspace.
 
-The autograd Functions (`ztriton.ops`) call these methods and nothing else, with the same
-signature on every backend; a backend is one module implementing `Backend`, plus one line in
-`ztriton.backends.REGISTRY`. Shapes: x (T, B, N_in), dense or sparse COO, weight (N_out, N_in),
-grids (T, B, N).
+A backend says where it runs and which spike rules it evaluates (`Backend`); its ops are in the op
+registry (`registry`), with the same signature on every backend. Shapes: x (T, B, N_in), dense
+or sparse COO, weight (N_out, N_in), grids (T, B, N).
 Gradient arithmetic is float32 (float64 for a float64 layer): `compute_dtype`.
 """
 
@@ -17,7 +16,6 @@ from typing import NamedTuple, Protocol
 import torch
 
 from ..distributions import Distribution
-from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 
 
@@ -112,7 +110,7 @@ class Workspace:
 
 
 class Backend(Protocol):
-    """Operations of SparseLIFLinear and LeakyReadout. `ds` holds grad_s * g at the active entries."""
+    """Where a backend runs and what it evaluates; its ops are registered under `name` (`registry`)."""
 
     name: str
 
@@ -121,32 +119,3 @@ class Backend(Protocol):
 
     def unsupported(self, rule: SpikeRule) -> str | None:
         """None if this backend evaluates `rule` (its law's draws), else why not and the fix."""
-
-    def implementation(self, op: str, rule: SpikeRule, needs_grad: bool) -> str:
-        """The name of the implementation that runs method `op` (e.g. "torch" where a backend
-        reuses the torch backend's), reported per op in the layers' `stats["ops"]`."""
-
-    def lif_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: LIFConfig,
-                    needs_grad: bool, key: PhiloxKey | None, workspace: Workspace) -> LIFForward:
-        """Eq. 1 with input current W x (+ b) formed in the layer's dtype and the membrane in
-        compute_dtype. With `needs_grad`: dense g for the surrogate rule, else the active set (LocalZO
-        draws by the RNG contract with `key`); without: spikes only, no draw."""
-
-    def weight_grad(self, ds: torch.Tensor, active: ActiveSet, x: torch.Tensor, beta: float,
-                    weight_shape: torch.Size, bias: bool, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(dW, db): dW = sum over active (t, b, i) of ds * eps[t, b, :] (eq. 25-26) and, with `bias`,
-        db = sum of ds * gain(t), gain(t) = sum_{k<=t} beta^(t-k); compute dtype, deterministic."""
-
-    def input_grad(self, ds: torch.Tensor, active: ActiveSet, beta: float, weight: torch.Tensor,
-                   targets: ActiveSet, workspace: Workspace) -> torch.Tensor:
-        """dL/dx at `targets` only: D[t, b, :] . W[:, j] with D the reverse-time filter of ds."""
-
-    def filtered_grad(self, ds: torch.Tensor, active: ActiveSet, beta: float) -> torch.Tensor:
-        """D = reverse-time filter of ds on the full (T, B, N) grid."""
-
-    def input_grad_at(self, filtered: torch.Tensor, weight: torch.Tensor, targets: ActiveSet,
-                      workspace: Workspace) -> torch.Tensor:
-        """D[t, b, :] . W[:, j] at `targets`, from a full D grid."""
-
-    def time_filter(self, grid: torch.Tensor, beta: float, reverse: bool) -> torch.Tensor:
-        """grid[t] + beta * out[t -+ 1] along dim 0 (forward or reverse); may work in place."""

@@ -4,7 +4,9 @@ Forward: one kernel per block of batch rows runs eq. 1 over all T steps -- input
 events of each (t, b) row (or from a GEMM, time chunk by time chunk, for dense inputs), spikes and
 their events written, and at every candidate entry (|v| below the rule's threshold) LocalZO's m
 draws by the RNG contract, keeping only entries with g != 0 (SparseGrad keeps |v| and takes the
-surrogate afterwards). No per-time-step Python. The surrogate rule (dense g) uses the torch backend's forward.
+surrogate afterwards). No per-time-step Python. A training forward of the surrogate rule (dense g)
+runs on the torch implementation (this one declines it), as do `filtered_grad` and `input_grad_at`
+(registered on torch only).
 Backward: the weight gradient builds each batch row's input trace on the fly and adds ds * eps
 at that row's active entries (one accumulator per fixed block, summed in block order); the input
 gradient walks each row's reverse-time filter and evaluates it at the upstream targets only.
@@ -21,8 +23,10 @@ from ..distributions import KERNEL_LAWS, get_distribution, kernel_law, kernel_la
 from ..functional import candidate_threshold
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
-from . import torch_backend
 from .base import LIFConfig, LIFForward, SpikeRule, Workspace
+from .lif_forward import EVENT_DENSITY
+from .registry import register
+from .weight_grad import sparse_bias_grad
 
 DTYPES = (torch.float32, torch.float64)
 #: time steps of GEMM current per kernel call for dense inputs above the event density
@@ -110,7 +114,7 @@ def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: t
     candidates = _Buffers("candidates", steps, batch, caps[0], dtype, workspace)
     fired = _Buffers("spikes", steps, batch, caps[1], dtype, workspace)
     events = events_of(x)
-    event_driven = events.nnz <= torch_backend.EVENT_DENSITY * x.numel()
+    event_driven = events.nnz <= EVENT_DENSITY * x.numel()
     common = (_scalar(cfg.beta, dtype), _scalar(cfg.threshold, dtype), _scalar(cfg.threshold * (1.0 - cfg.beta), dtype),
               v, s, spikes, _scalar(cand_threshold, dtype),
               candidates.pos, candidates.val, candidates.count,
@@ -131,11 +135,15 @@ def _run_forward(x, weight, bias, cfg: LIFConfig, cand_threshold: float, caps: t
     return spikes, candidates, fired
 
 
+def _no_dense_g(x, weight, bias, cfg: LIFConfig, needs_grad: bool, *_) -> bool:
+    """The native forward keeps g as an active set: not the surrogate rule's training forward."""
+    return not (needs_grad and cfg.rule.grad == "surrogate")
+
+
+@register("lif_forward", "native", accepts=_no_dense_g)
 def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,
                 workspace: Workspace) -> LIFForward:
     rule = cfg.rule
-    if needs_grad and rule.grad == "surrogate":
-        return torch_backend.lif_forward(x, weight, bias, cfg, needs_grad, key, workspace)
     steps, batch, _ = x.shape
     n_out, dtype = weight.shape[0], weight.dtype
     if not needs_grad:
@@ -167,6 +175,7 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
     return LIFForward(spikes_t, None, ActiveSet(positions_t, values.float(), spikes.shape))  # values: LocalZO g
 
 
+@register("weight_grad", "native")
 def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, bias: bool, workspace: Workspace):
     """dW = sum over active (t, b, i) of ds * eps[t, b, :], each batch row's trace built on the fly
     (blocks summed in a fixed order); db as the torch backend's (CPU: deterministic)."""
@@ -180,10 +189,11 @@ def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, bias: bool,
             act_ptr,
             active.neurons.numpy(), _numpy(ds, dtype))
     native.run_blocks(lambda block, lo, hi: native._weight_grad_rows(lo, hi, *args, out[block]), batch)
-    grad_b = torch_backend.sparse_bias_grad(ds, active, beta, weight_shape[0]) if bias else None
+    grad_b = sparse_bias_grad(ds, active, beta, weight_shape[0]) if bias else None
     return torch.from_numpy(out.sum(0)), grad_b
 
 
+@register("input_grad", "native")
 def input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet, workspace: Workspace):
     """dL/dx at the targets: each batch row's reverse filter of ds, dotted with W's columns there."""
     steps, batch, _ = active.shape
@@ -195,6 +205,7 @@ def input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet, w
     return torch.from_numpy(out)
 
 
+@register("time_filter", "native")
 def time_filter(grid, beta: float, reverse: bool):
     """In place along dim 0, columns in fixed blocks."""
     grid = grid.contiguous()
@@ -213,26 +224,9 @@ class NativeBackend:
     def available(device: torch.device, dtype: torch.dtype) -> bool:
         return native.AVAILABLE and device.type == "cpu" and dtype in DTYPES
 
-    #: the implementation that runs each op (the torch backend's for the full-grid filter and dot)
-    OPS = {"lif_forward": "native", "weight_grad": "native", "input_grad": "native", "filtered_grad": "torch",
-           "input_grad_at": "torch", "time_filter": "native"}
-
     @staticmethod
     def unsupported(rule) -> str | None:
         return kernel_law_refusal(rule.law, "native") if rule.grad == "localzo" else None
-
-    @staticmethod
-    def implementation(op: str, rule, needs_grad: bool) -> str:
-        if op == "lif_forward" and needs_grad and rule.grad == "surrogate":
-            return "torch"  # the dense g of the surrogate rule: the torch backend's forward
-        return NativeBackend.OPS[op]
-
-    lif_forward = staticmethod(lif_forward)
-    weight_grad = staticmethod(weight_grad)
-    input_grad = staticmethod(input_grad)
-    filtered_grad = staticmethod(torch_backend.filtered_grad)
-    input_grad_at = staticmethod(torch_backend.input_grad_at)
-    time_filter = staticmethod(time_filter)
 
 
 def warm_up(dtype: torch.dtype) -> None:

@@ -22,6 +22,7 @@ from ..distributions import KERNEL_LAWS, kernel_law, kernel_law_refusal
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from .base import LIFConfig, LIFForward, Workspace
+from .registry import register
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: input density up to which a sparse COO input's current is summed over its events, not a GEMM
@@ -58,6 +59,8 @@ def input_current(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class TritonBackend:
+    """Triton kernels on a CUDA device (or the interpreter) for float32/16 layers: runs every op."""
+
     name = "triton"
 
     @staticmethod
@@ -71,72 +74,74 @@ class TritonBackend:
     def unsupported(rule) -> str | None:
         return kernel_law_refusal(rule.law, "triton") if rule.grad == "localzo" else None
 
-    @staticmethod
-    def implementation(op: str, rule, needs_grad: bool) -> str:
-        return "triton"
 
-    @staticmethod
-    def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,
-                    workspace: Workspace) -> LIFForward:
-        from ..kernels import lif_forward as kernel
+@register("lif_forward", "triton")
+def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,
+                workspace: Workspace) -> LIFForward:
+    from ..kernels import lif_forward as kernel
 
-        rule = cfg.rule
-        current = input_current(x, weight)
-        run = dict(bias=bias, spike_dtype=weight.dtype, capacity=workspace.hints.get("active"))
-        if not needs_grad:
-            out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.SPIKES, **run)
-            return LIFForward(out.spikes, None, None)
-        if rule.grad == "surrogate":
-            out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.MEMBRANE, **run)
-            return LIFForward(out.spikes, rule.law.expected_grad(out.membrane, rule.delta), None)
-        if rule.grad == "sparsegrad":
-            out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.SPARSEGRAD, bth=rule.bth, **run)
-            grad = rule.law.expected_grad(out.values, rule.delta)
-        else:
-            out = kernel.lif_forward(
-                current, cfg.beta, cfg.threshold, mode=kernel.LOCALZO, delta=rule.delta, m=rule.m, seed=key.seed,
-                offset=key.offset, alpha=rule.law.alpha, c=rule.law.c, **sampler_args(rule.law, current.device), **run,
-            )
-            grad = out.values
-        workspace.hints["active"] = out.index.numel() * 5 // 4 + 1024  # next call's buffer: this one + 25 %
-        return LIFForward(out.spikes, None, ActiveSet(out.index, grad, out.spikes.shape))
+    rule = cfg.rule
+    current = input_current(x, weight)
+    run = dict(bias=bias, spike_dtype=weight.dtype, capacity=workspace.hints.get("active"))
+    if not needs_grad:
+        out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.SPIKES, **run)
+        return LIFForward(out.spikes, None, None)
+    if rule.grad == "surrogate":
+        out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.MEMBRANE, **run)
+        return LIFForward(out.spikes, rule.law.expected_grad(out.membrane, rule.delta), None)
+    if rule.grad == "sparsegrad":
+        out = kernel.lif_forward(current, cfg.beta, cfg.threshold, mode=kernel.SPARSEGRAD, bth=rule.bth, **run)
+        grad = rule.law.expected_grad(out.values, rule.delta)
+    else:
+        out = kernel.lif_forward(
+            current, cfg.beta, cfg.threshold, mode=kernel.LOCALZO, delta=rule.delta, m=rule.m, seed=key.seed,
+            offset=key.offset, alpha=rule.law.alpha, c=rule.law.c, **sampler_args(rule.law, current.device), **run,
+        )
+        grad = out.values
+    workspace.hints["active"] = out.index.numel() * 5 // 4 + 1024  # next call's buffer: this one + 25 %
+    return LIFForward(out.spikes, None, ActiveSet(out.index, grad, out.spikes.shape))
 
-    @staticmethod
-    def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, bias: bool, workspace: Workspace):
-        """Sparse events up to EVENT_DENSITY: dW = D^T x over the input events (D the reverse filter of
-        ds, db its sum); otherwise by active entry, the trace rebuilt from checkpoints."""
-        if _event_input(x):
-            from ..kernels.event_weight_grad import event_weight_grad
 
-            filtered = TritonBackend.filtered_grad(ds.float(), active, beta)
-            events = events_of(x)
-            grad_w = event_weight_grad(filtered, events.row_ptr, events.cols, events.values, weight_shape[1])
-            grad_b = filtered.sum((0, 1)) if bias else None
-        else:
-            from ..kernels.sparse_weight_grad import sparse_weight_grad
+@register("weight_grad", "triton")
+def weight_grad(ds, active: ActiveSet, x, beta: float, weight_shape, bias: bool, workspace: Workspace):
+    """Sparse events up to EVENT_DENSITY: dW = D^T x over the input events (D the reverse filter of
+    ds, db its sum); otherwise by active entry, the trace rebuilt from checkpoints."""
+    if _event_input(x):
+        from ..kernels.event_weight_grad import event_weight_grad
 
-            grad_w, grad_b = sparse_weight_grad(dense(x), ds, active.rows, active.neurons, weight_shape[0], beta, bias)
-        return grad_w.to(ds.dtype), None if grad_b is None else grad_b.to(ds.dtype)
+        filtered = filtered_grad(ds.float(), active, beta)
+        events = events_of(x)
+        grad_w = event_weight_grad(filtered, events.row_ptr, events.cols, events.values, weight_shape[1])
+        grad_b = filtered.sum((0, 1)) if bias else None
+    else:
+        from ..kernels.sparse_weight_grad import sparse_weight_grad
 
-    @staticmethod
-    def filtered_grad(ds, active: ActiveSet, beta: float):
-        grid = torch.zeros(active.shape, dtype=torch.float32, device=ds.device)
-        grid.view(-1).index_copy_(0, active.index, ds.float())
-        return TritonBackend.time_filter(grid, beta, reverse=True).to(ds.dtype)
+        grad_w, grad_b = sparse_weight_grad(dense(x), ds, active.rows, active.neurons, weight_shape[0], beta, bias)
+    return grad_w.to(ds.dtype), None if grad_b is None else grad_b.to(ds.dtype)
 
-    @staticmethod
-    def input_grad_at(filtered, weight, targets: ActiveSet, workspace: Workspace):
-        from ..kernels.sparse_input_grad import sparse_input_grad
 
-        return sparse_input_grad(filtered, weight, targets.rows, targets.neurons).to(filtered.dtype)
+@register("filtered_grad", "triton")
+def filtered_grad(ds, active: ActiveSet, beta: float):
+    grid = torch.zeros(active.shape, dtype=torch.float32, device=ds.device)
+    grid.view(-1).index_copy_(0, active.index, ds.float())
+    return time_filter(grid, beta, reverse=True).to(ds.dtype)
 
-    @staticmethod
-    def input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet, workspace: Workspace):
-        filtered = TritonBackend.filtered_grad(ds, active, beta)
-        return TritonBackend.input_grad_at(filtered, weight, targets, workspace)
 
-    @staticmethod
-    def time_filter(grid, beta: float, reverse: bool):
-        from ..kernels.time_filter import time_filter
+@register("input_grad_at", "triton")
+def input_grad_at(filtered, weight, targets: ActiveSet, workspace: Workspace):
+    from ..kernels.sparse_input_grad import sparse_input_grad
 
-        return time_filter(grid, beta, reverse=reverse).to(grid.dtype)
+    return sparse_input_grad(filtered, weight, targets.rows, targets.neurons).to(filtered.dtype)
+
+
+@register("input_grad", "triton")
+def input_grad(ds, active: ActiveSet, beta: float, weight, targets: ActiveSet, workspace: Workspace):
+    filtered = filtered_grad(ds, active, beta)
+    return input_grad_at(filtered, weight, targets, workspace)
+
+
+@register("time_filter", "triton")
+def time_filter(grid, beta: float, reverse: bool):
+    from ..kernels.time_filter import time_filter
+
+    return time_filter(grid, beta, reverse=reverse).to(grid.dtype)

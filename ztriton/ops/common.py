@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from ..backends import Backend, Workspace, compute_dtype
+from ..backends import Backend, Workspace, compute_dtype, dispatch
 from ..sparse import ActiveSet, sparse_grad
 
 
@@ -34,11 +34,20 @@ def refuse_double_backward(op: str) -> None:
         )
 
 
+def run_op(ops: dict, key: str, op: str, backend: Backend, *args):
+    """Op `op` on `backend` by the op registry (torch where it has none); records which ran in ops[key]."""
+    result, ops[key] = dispatch(op, backend.name, *args)
+    return result
+
+
 def input_grad_from_filtered(filtered: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
-                             producer: ActiveSet | None, backend: Backend, workspace: Workspace) -> torch.Tensor:
+                             producer: ActiveSet | None, backend: Backend, workspace: Workspace,
+                             ops: dict) -> torch.Tensor:
     """dL/dx = D W from the full D grid: sparse COO at the producing layer's active entries when x is
-    a SparseLIFLinear's unmodified output, else dense."""
+    a SparseLIFLinear's unmodified output, else dense (a torch GEMM)."""
     if producer is not None:
-        return sparse_grad(producer, backend.input_grad_at(filtered, weight, producer, workspace), x.dtype)
+        values = run_op(ops, "input_grad", "input_grad_at", backend, filtered, weight, producer, workspace)
+        return sparse_grad(producer, values, x.dtype)
+    ops["input_grad"] = "torch"
     flat = filtered.reshape(-1, filtered.shape[2])
     return flat.matmul(weight.to(compute_dtype(weight.dtype))).view(x.shape).to(x.dtype)

@@ -1,11 +1,12 @@
 """The SparseLIFLinear op: LIF forward (eq. 1) with g, and its dense or sparse layerwise backward.
 
-Forward: `backend.lif_forward` gives the spikes and g (dense, or as the active set); the path
-policy picks "dense" or "sparse" from the measured active fraction. Backward (appendix B.1,
-eq. 25-26), ds = grad_s * g:
+Each op runs on the layer's backend by the op registry (`ztriton.backends.registry`, torch where
+the backend has none). Forward: op `lif_forward` gives the spikes and g (dense, or as the active
+set); the path policy picks "dense" or "sparse" from the measured active fraction. Backward
+(appendix B.1, eq. 25-26), ds = grad_s * g:
 
 - dense path: D = reverse-time filter of ds on the whole grid, dW = D^T x, dx = D W (GEMMs);
-- sparse path: ds only at the active entries, dW and db by `backend.weight_grad` (nnz x N_in work).
+- sparse path: ds only at the active entries, dW and db by op `weight_grad` (nnz x N_in work).
 
 The input gradient is a sparse COO tensor at the producing layer's active entries when x is the
 unmodified output of a sparse-path SparseLIFLinear (`ztriton.sparse`), else dense.
@@ -21,7 +22,7 @@ from ..backends import Backend, LIFConfig, Workspace, compute_dtype
 from ..events import call_input, dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
-from .common import input_grad_from_filtered, refuse_double_backward, without_autocast
+from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class PathPolicy:
 
 @dataclass(frozen=True)
 class LIFStats:
-    """What one forward measured. `ops` names the implementation of each op this call runs (its
-    backward's too); `active` is the active set kept for a sparse-path backward."""
+    """What one forward measured. `ops` names the implementation of each op this call ran, filled
+    in by its backward too; `active` is the active set kept for a sparse-path backward."""
 
     path: str
     active_fraction: float | None
@@ -50,31 +51,6 @@ class LIFStats:
     grid: int
     ops: dict
     active: ActiveSet | None = None
-
-
-def planned_ops(backend: Backend, cfg: LIFConfig, path: str, needs_grad: bool, input_grad: bool,
-                from_producer: bool) -> dict:
-    """{op: implementation} of one call: the forward and, for a training call, the backward's ops.
-
-    The input gradient at a producing layer's active entries is the backend's; a dense input
-    gradient (and the dense path's weight gradient) is a torch GEMM after a time filter.
-    """
-    def impl(op: str) -> str:
-        return backend.implementation(op, cfg.rule, needs_grad)
-
-    ops = {"forward": impl("lif_forward")}
-    if not needs_grad:
-        return ops
-    if path == "dense":
-        ops.update(time_filter=impl("time_filter"), weight_grad="torch")
-    else:
-        ops["weight_grad"] = impl("weight_grad")
-    if input_grad and from_producer:
-        ops["input_grad"] = impl("input_grad_at" if path == "dense" else "input_grad")
-    elif input_grad:
-        ops.setdefault("time_filter", impl("filtered_grad"))
-        ops["input_grad"] = "torch"
-    return ops
 
 
 class LIFFunction(torch.autograd.Function):
@@ -90,9 +66,10 @@ class LIFFunction(torch.autograd.Function):
                 key: PhiloxKey | None, backend: Backend, workspace: Workspace):
         producer = producer_of(x) if ctx.needs_input_grad[0] else None
         x = call_input(x)  # a user's tensor is scanned for events once per call, never across calls
-        spikes, g, active = backend.lif_forward(x, weight, bias, cfg, needs_grad, key, workspace)
+        ops = {}
+        spikes, g, active = run_op(ops, "forward", "lif_forward", backend, x, weight, bias, cfg, needs_grad, key,
+                                   workspace)
         if not needs_grad:
-            ops = planned_ops(backend, cfg, "none", False, False, False)
             return spikes, LIFStats("none", None, 0, 0, backend.name, spikes.numel(), ops)
         nnz = active.nnz if active is not None else int(torch.count_nonzero(g))
         fraction = nnz / max(1, spikes.numel())
@@ -106,10 +83,9 @@ class LIFFunction(torch.autograd.Function):
             active = None
         ctx.cfg, ctx.path, ctx.has_bias = cfg, path, bias is not None
         ctx.backend, ctx.workspace, ctx.active = backend, workspace, active
-        ctx.producer = producer
+        ctx.producer, ctx.ops = producer, ops
         ctx.save_for_backward(x, weight, g)
         saved = active.nbytes if active is not None else g.numel() * g.element_size()
-        ops = planned_ops(backend, cfg, path, True, ctx.needs_input_grad[0], producer is not None)
         return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), ops, active)
 
     @staticmethod
@@ -127,27 +103,29 @@ class LIFFunction(torch.autograd.Function):
 def _dense_backward(ctx, grad_spikes, x, weight, g, dtype):
     """GEMMs over the whole grid: D = reverse filter of grad_s * g, dW = D^T x, dx = D W."""
     ds = dense(grad_spikes).to(dtype) * g
-    filtered = ctx.backend.time_filter(ds, ctx.cfg.beta, reverse=True)
+    filtered = run_op(ctx.ops, "time_filter", "time_filter", ctx.backend, ds, ctx.cfg.beta, True)
     flat = filtered.view(-1, filtered.shape[2])
     grad_w = flat.t().matmul(dense(x).reshape(-1, x.shape[2]).to(dtype))
+    ctx.ops["weight_grad"] = "torch"
     grad_b = flat.sum(0) if ctx.has_bias else None
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = input_grad_from_filtered(filtered, weight, x, ctx.producer, ctx.backend, ctx.workspace)
+        grad_x = input_grad_from_filtered(filtered, weight, x, ctx.producer, ctx.backend, ctx.workspace, ctx.ops)
     return grad_x, grad_w, grad_b
 
 
 def _sparse_backward(ctx, grad_spikes, x, weight, g, dtype):
     """Work at the active entries only (and at the producing layer's active entries for dx)."""
-    active, backend, workspace, beta = ctx.active, ctx.backend, ctx.workspace, ctx.cfg.beta
+    active, backend, workspace, beta, ops = ctx.active, ctx.backend, ctx.workspace, ctx.cfg.beta, ctx.ops
     ds = values_at(grad_spikes, active, dtype) * active.grad.to(dtype)
-    grad_w, grad_b = backend.weight_grad(ds, active, x, beta, weight.shape, ctx.has_bias, workspace)
+    grad_w, grad_b = run_op(ops, "weight_grad", "weight_grad", backend, ds, active, x, beta, weight.shape,
+                            ctx.has_bias, workspace)
     if not ctx.needs_input_grad[0]:
         grad_x = None
     elif ctx.producer is not None:
-        values = backend.input_grad(ds, active, beta, weight, ctx.producer, workspace)
+        values = run_op(ops, "input_grad", "input_grad", backend, ds, active, beta, weight, ctx.producer, workspace)
         grad_x = sparse_grad(ctx.producer, values, x.dtype)
     else:
-        filtered = backend.filtered_grad(ds, active, beta)
-        grad_x = input_grad_from_filtered(filtered, weight, x, None, backend, workspace)
+        filtered = run_op(ops, "time_filter", "filtered_grad", backend, ds, active, beta)
+        grad_x = input_grad_from_filtered(filtered, weight, x, None, backend, workspace, ops)
     return grad_x, grad_w, grad_b
