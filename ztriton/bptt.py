@@ -39,12 +39,9 @@ import torch
 from torch import nn
 
 from .distributions import Distribution, resolve
+from .functional import SpikeWithGrad, heaviside
 
 __all__ = ["Surrogate", "BPTTLIF", "BPTTReadout", "BPTTNet", "snn_reference"]
-
-
-def _heaviside(v: torch.Tensor) -> torch.Tensor:
-    return (v > 0).to(v.dtype)
 
 
 @dataclass(frozen=True)
@@ -92,26 +89,12 @@ class _SurrogateSpike(torch.autograd.Function):
     def forward(ctx, v, surrogate):
         ctx.save_for_backward(v)
         ctx.surrogate = surrogate
-        return _heaviside(v)
+        return heaviside(v)
 
     @staticmethod
     def backward(ctx, grad):
         (v,) = ctx.saved_tensors
         return grad * ctx.surrogate.grad(v), None
-
-
-class _GivenGradSpike(torch.autograd.Function):
-    """H(v) forward; backward grad * g, with g given (the one a layer's forward formed)."""
-
-    @staticmethod
-    def forward(ctx, v, g):
-        ctx.save_for_backward(g)
-        return _heaviside(v)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (g,) = ctx.saved_tensors
-        return grad * g, None
 
 
 def _times(factor, s: torch.Tensor) -> torch.Tensor:
@@ -177,7 +160,7 @@ class BPTTLIF(nn.Module):
             spike = lambda v, t: self.surrogate(v)  # noqa: E731
         else:
             gs = g.unbind(0)
-            spike = lambda v, t: _GivenGradSpike.apply(v, gs[t])  # noqa: E731
+            spike = lambda v, t: SpikeWithGrad.apply(v, gs[t])  # noqa: E731
         u = torch.zeros_like(currents[0])
         s = torch.zeros_like(currents[0])
         out = []

@@ -154,7 +154,7 @@ def sparsegrad_grad(
     return _sparsegrad(v, delta, law, bth)
 
 
-class _SpikeWithGrad(torch.autograd.Function):
+class SpikeWithGrad(torch.autograd.Function):
     """Heaviside forward; backward multiplies by a gradient `g` fixed in forward."""
 
     @staticmethod
@@ -170,7 +170,7 @@ class _SpikeWithGrad(torch.autograd.Function):
 
 def _spike(v: torch.Tensor, make_grad) -> torch.Tensor:
     if torch.is_grad_enabled() and v.requires_grad:
-        return _SpikeWithGrad.apply(v, make_grad())
+        return SpikeWithGrad.apply(v, make_grad())
     return heaviside(v)
 
 
