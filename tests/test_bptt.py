@@ -1,6 +1,7 @@
 """ztriton.bptt, the autograd BPTT reference: eq. 1 and the readout step by step, its surrogate
 backward, copies of the engine's modules, the training application's network, linear work in T."""
 
+import itertools
 import math
 
 import pytest
@@ -126,13 +127,16 @@ def test_snn_reference_is_the_training_network():
         torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-9, atol=1e-9)
 
 
-def test_work_per_step_is_constant():
+@pytest.mark.parametrize("family", [{}, {"recurrent": True, "reset": "zero", "learn_beta": True, "learn_threshold": True}],
+                         ids=["eq1", "family"])
+def test_work_per_step_is_constant(family):
     """The time axis is unbound once: every step adds the same ops, forward and backward (indexing a
     graph tensor per step would add a full-size gradient per step, quadratic work)."""
     counts = []
     for steps in (4, 8, 12):
         torch.manual_seed(0)
-        net = BPTTNet([BPTTLIF(6, 5, beta=0.9), BPTTLIF(5, 4, beta=0.9)], BPTTReadout(4, 3, beta=0.8))
+        net = BPTTNet([BPTTLIF(6, 5, beta=0.9, **family), BPTTLIF(5, 4, beta=0.9, **family)],
+                      BPTTReadout(4, 3, beta=0.8, learn_beta=bool(family)))
         x = torch.rand(steps, 2, 6)
         with count_device_work() as forward:
             loss = net(x)[0].sum()
@@ -142,3 +146,116 @@ def test_work_per_step_is_constant():
         assert "select_backward" not in backward.op_names and forward.syncs == backward.syncs == 0
     assert counts[2][0] - counts[1][0] == counts[1][0] - counts[0][0] > 0
     assert counts[2][1] - counts[1][1] == counts[1][1] - counts[0][1] > 0
+
+
+FAMILY = list(itertools.product((False, True), ("subtract", "zero"), (False, True), (False, True)))
+FAMILY_IDS = [f"{'rec' if r else 'ff'}-{reset}{'-lb' if lb else ''}{'-lt' if lt else ''}" for r, reset, lb, lt in FAMILY]
+
+
+def family_reference(recurrent, reset, learn_beta, learn_threshold):
+    """A float64 BPTTLIF of the family with a per-neuron threshold, a bias and a strong enough drive to fire."""
+    torch.manual_seed(0)
+    ref = BPTTLIF(11, 7, beta=0.85, threshold=torch.linspace(0.6, 1.1, 7), recurrent=recurrent, reset=reset,
+                  learn_beta=learn_beta, learn_threshold=learn_threshold, bias=True,
+                  surrogate=Surrogate.dense("normal", 0.3), dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.mul_(3)
+        ref.bias.uniform_(-0.2, 0.2)
+        if recurrent:
+            ref.recurrent_weight.mul_(2)
+    return ref
+
+
+def written_out(x, w, b, v, beta, threshold, reset, delta):
+    """The family step by step (DESIGN.md section 9), every current formed at its step; the spike is
+    H(v) with the N(0, delta^2) pdf as its derivative (H + Phi(v / delta) - stop_grad(Phi(v / delta)))."""
+    theta = threshold.clamp(min=1e-3)
+    u = s = torch.zeros(x.shape[1], w.shape[0], dtype=x.dtype)
+    out = []
+    for t in range(x.shape[0]):
+        current = x[t] @ w.t() + b + (0 if v is None else s @ v.t())
+        held = s.detach()
+        u = beta * (1 - held) * u + current if reset == "zero" else beta * u + current - theta * held
+        smooth = torch.special.ndtr((u - theta) / delta)
+        s = (u > theta).double() + smooth - smooth.detach()
+        out.append(s)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("steps", [1, 17])
+@pytest.mark.parametrize("recurrent,reset,learn_beta,learn_threshold", FAMILY, ids=FAMILY_IDS)
+def test_family_is_its_update_rule_written_out(recurrent, reset, learn_beta, learn_threshold, steps):
+    """Spikes and every gradient (input, W, b, V, beta_logit, threshold) of the reference equal autograd
+    through the update rules written out in the test."""
+    ref = family_reference(recurrent, reset, learn_beta, learn_threshold)
+    x = (torch.rand(steps, 3, 11, generator=torch.Generator().manual_seed(2)) < 0.4).double().requires_grad_(True)
+    grad_out = torch.randn(steps, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    spikes = ref(x)
+    spikes.backward(grad_out)
+    names = [name for name, _ in ref.named_parameters()]
+    assert names == ["weight", "bias"] + ["recurrent_weight"] * recurrent + ["beta_logit"] * learn_beta \
+        + ["threshold"] * learn_threshold
+    leaves = {name: p.detach().clone().requires_grad_(True) for name, p in ref.named_parameters()}
+    x_copy = x.detach().clone().requires_grad_(True)
+    beta = torch.sigmoid(leaves["beta_logit"]) if learn_beta else 0.85
+    expected = written_out(x_copy, leaves["weight"], leaves["bias"], leaves.get("recurrent_weight"), beta,
+                           leaves.get("threshold", ref.threshold), reset, 0.3)
+    torch.testing.assert_close(spikes, expected, rtol=0, atol=1e-12)  # H + Phi - Phi: 1 up to rounding
+    if steps > 1:
+        assert 0.05 < spikes.mean() < 0.8
+    expected.backward(grad_out)
+    torch.testing.assert_close(x.grad, x_copy.grad, rtol=1e-12, atol=1e-12)
+    for name, p in ref.named_parameters():
+        # at T = 1 neither s[t-1] nor u[t-1] is non-zero: V and beta get a zero gradient
+        assert leaves[name].grad.abs().sum() > 0 or steps == 1 and name in ("recurrent_weight", "beta_logit"), name
+        torch.testing.assert_close(p.grad, leaves[name].grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_threshold_is_floored_and_its_gradient_stops_below_the_floor():
+    ref = family_reference(False, "subtract", False, True)
+    floored = family_reference(False, "subtract", False, False)
+    with torch.no_grad():
+        ref.threshold[0] = -0.5
+        floored.threshold[0] = 1e-3
+    spikes = ref(X)
+    assert torch.equal(spikes, floored(X)) and spikes[:, :, 0].sum() > 0
+    spikes.sum().backward()
+    assert ref.threshold.grad[0] == 0 and ref.threshold.grad[1:].abs().min() > 0
+
+
+def test_learnt_leak_of_the_readout_is_the_adjoint_sum():
+    """dL/dbeta = sum_t lambda[t] (o[t-1] - c[t]) with lambda[t] = dL/do[t] + beta lambda[t+1] (DESIGN.md
+    section 9), and dL/dbeta_logit = dL/dbeta beta (1 - beta)."""
+    torch.manual_seed(0)
+    readout = BPTTReadout(11, 4, beta=0.7, bias=True, learn_beta=True, dtype=torch.float64)
+    with torch.no_grad():
+        readout.bias.uniform_(-0.5, 0.5)
+    assert readout.beta == pytest.approx(0.7, rel=1e-15) and readout.beta_logit.dim() == 0
+    grad_out = torch.randn(17, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    o = readout(X)
+    o.backward(grad_out)
+    with torch.no_grad():
+        c = X @ readout.weight.t() + readout.bias
+        previous = torch.cat([torch.zeros_like(o[:1]), o[:-1]])
+        lam, dbeta = torch.zeros_like(o[0]), 0.0
+        for t in reversed(range(17)):
+            lam = grad_out[t] + 0.7 * lam
+            dbeta = dbeta + (lam * (previous[t] - c[t])).sum()
+    torch.testing.assert_close(readout.beta_logit.grad, dbeta * 0.7 * 0.3, rtol=1e-12, atol=1e-12)
+
+
+def test_family_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"beta must be < 1 with learn_beta=True"):
+        BPTTLIF(3, 2, beta=1.0, learn_beta=True)
+    with pytest.raises(ValueError, match=r"beta must be < 1 with learn_beta=True"):
+        BPTTReadout(3, 2, beta=1.0, learn_beta=True)
+    with pytest.raises(ValueError, match=r"reset must be one of \['subtract', 'zero'\], got 'hard'"):
+        BPTTLIF(3, 2, beta=0.9, reset="hard")
+    with pytest.raises(ValueError, match=r"threshold must be a number or an \(2,\) tensor, got shape \(3,\)"):
+        BPTTLIF(3, 2, beta=0.9, threshold=torch.ones(3))
+    with pytest.raises(ValueError, match=r"threshold must be > 0 for every neuron"):
+        BPTTLIF(3, 2, beta=0.9, threshold=torch.tensor([1.0, 0.0]))
+    lif = BPTTLIF(3, 2, beta=0.9, learn_beta=True)
+    with pytest.raises(AttributeError):
+        lif.beta = 0.5
+    assert "threshold" in dict(lif.named_buffers()) and lif.recurrent_weight is None

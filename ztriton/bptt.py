@@ -2,31 +2,30 @@
 
 One implementation of what `SparseLIFLinear` and `LeakyReadout` compute, written as a standard
 autograd BPTT: the tests' oracle (float64, "autograd through the same g"), the "standard autograd
-BPTT" rows of `bench/bench_layer.py` (and so the eager BPTT op counts of `bench/gpu_report.py`),
-and the "step x BPTT" column of `ztriton compare`.
+BPTT" rows of `bench/bench_layer.py` and `bench/bench_peers.py --recurrent` (and so the eager
+BPTT op counts of `bench/gpu_report.py`), and the "step x BPTT" column of `ztriton compare`.
 
-- `BPTTLIF`: eq. 1, `u[t] = beta u[t-1] + W x[t] (+ b) - theta s[t-1]`, `s[t] = H(u[t] - theta)`,
-  `u[-1] = s[-1] = 0`, the reset held constant in backward. The spike's backward is a `Surrogate`
-  (the dense expected surrogate of a law, optionally truncated at B_th as SparseGrad does), or,
-  per call, a given g (`forward(x, g)`: the g a LocalZO / SparseGrad layer formed, for autograd
-  through the same g).
-- `BPTTReadout`: `o[t] = beta o[t-1] + (1 - beta) (W s[t] (+ b))`, `o[-1] = 0`.
+- `BPTTLIF`: the LIF family of DESIGN.md section 9. I[t] = W x[t] (+ b) (+ V s[t-1] with
+  `recurrent`); `reset="subtract"` (eq. 1): `u[t] = beta u[t-1] + I[t] - theta s[t-1]`;
+  `reset="zero"`: `u[t] = beta (1 - s[t-1]) u[t-1] + I[t]`; `s[t] = H(u[t] - theta)`,
+  `u[-1] = s[-1] = 0`. The reset factor s[t-1] is held constant in backward, the recurrent input
+  V s[t-1] is differentiated. theta is the (out,) `threshold` floored at `THRESHOLD_FLOOR` (a
+  buffer, or a parameter with `learn_threshold`); with `learn_beta`, beta = sigmoid(`beta_logit`),
+  a 0-dim parameter. The spike's backward is a `Surrogate` (the dense expected surrogate of a
+  law, optionally truncated at B_th as SparseGrad does), or, per call, a given g (`forward(x, g)`:
+  the g a LocalZO / SparseGrad layer formed, for autograd through the same g).
+- `BPTTReadout`: `o[t] = beta o[t-1] + (1 - beta) (W s[t] (+ b))`, `o[-1] = 0`; `learn_beta` as above.
 - `BPTTNet`: hidden `BPTTLIF` layers and a `BPTTReadout`, like `ztriton.train.SNN`;
   `snn_reference` builds the one matching the training application's network.
 
-Well written in the sense of DESIGN.md section 6: the input current is one GEMM over all steps,
-the time axis is unbound once (indexing a graph tensor per step would make the backward
-quadratic in T), nothing is checked or read back on the host inside the time loop, and the
-surrogate saves v and evaluates g in backward (as surrogate-gradient libraries do). The
-`from_layer` / `from_layers` / `from_snn` constructors copy weights, leak, threshold and law from
-the engine's modules, which they take as arguments (no import of `ztriton.layers`).
-
-The LIF family of DESIGN.md section 9 (reset to zero, a recurrent weight, learnable leak and
-threshold) changes `BPTTLIF.membrane` only: reset to zero is
-`self.beta * (1 - s.detach()) * u + current`; a recurrent weight V adds `s @ V.t()` to the
-current (s itself: the recurrence is differentiated, only the reset is held constant); a
-learnable leak or threshold makes `beta` / `threshold` an `nn.Parameter` (the readout's leak
-likewise, in `BPTTReadout.forward`).
+Well written in the sense of DESIGN.md section 6: the feed-forward current is one GEMM over all
+steps (the recurrent one, V s[t-1], is one GEMM per step, as it must be), the time axis is unbound
+once (indexing a graph tensor per step would make the backward quadratic in T), the leak and
+the floored threshold are formed once per forward, nothing is checked or read back on the host
+inside the time loop, and the surrogate saves v and evaluates g in backward (as surrogate-gradient
+libraries do). The `from_layer` / `from_layers` / `from_snn` constructors copy every parameter
+and buffer (weight, bias, recurrent weight, leak logit, threshold), the leak, reset and law from
+the engine's modules, which they take as arguments.
 """
 
 from __future__ import annotations
@@ -38,10 +37,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ._checks import choice, unit_interval
 from .distributions import Distribution, resolve
 from .functional import SpikeWithGrad, heaviside
 
-__all__ = ["Surrogate", "BPTTLIF", "BPTTReadout", "BPTTNet", "snn_reference"]
+__all__ = ["Surrogate", "BPTTLIF", "BPTTReadout", "BPTTNet", "snn_reference", "THRESHOLD_FLOOR"]
+
+#: the forward's theta is max(threshold, THRESHOLD_FLOOR), as the engine's layer floors it
+THRESHOLD_FLOOR = 1e-3
+RESETS = ("subtract", "zero")
 
 
 @dataclass(frozen=True)
@@ -97,76 +101,125 @@ class _SurrogateSpike(torch.autograd.Function):
         return grad * ctx.surrogate.grad(v), None
 
 
-def _times(factor, s: torch.Tensor) -> torch.Tensor:
-    """factor * s, without the multiply at the plain number 1 (theta = 1: the subtraction alone)."""
-    return s if isinstance(factor, (int, float)) and factor == 1 else factor * s
+def _uniform(rows: int, columns: int, device, dtype) -> torch.Tensor:
+    """A (rows, columns) weight ~ U(-1/sqrt(columns), 1/sqrt(columns)), as `nn.Linear(columns, rows)` and
+    the engine's layers draw it; on the meta device nothing is drawn (`from_layer` builds there, then
+    copies the engine's values)."""
+    bound = 1.0 / math.sqrt(columns)
+    return torch.empty(rows, columns, device=device, dtype=dtype).uniform_(-bound, bound)
 
 
-def _parameters(module: nn.Module, bias: bool, device, dtype) -> None:
-    """module.weight ~ U(-1/sqrt(in), 1/sqrt(in)) (as the engine's layers), module.bias zeros or None.
-    On the meta device nothing is drawn: `from_layer` builds there, then copies the engine's values."""
-    bound = 1.0 / math.sqrt(module.in_features)
-    weight = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype)
-    module.weight = nn.Parameter(weight.uniform_(-bound, bound))
-    module.register_parameter("bias", nn.Parameter(torch.zeros(module.out_features, device=device, dtype=dtype))
-                              if bias else None)
-
-
-def _copy_parameters(ref: nn.Module, layer: nn.Module, dtype) -> nn.Module:
-    """ref (built on meta) with copies of layer's weight and bias, on layer's device, in `dtype` if given."""
-    ref.weight = nn.Parameter(layer.weight.detach().clone())
-    ref.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+def _copy_state(ref: nn.Module, layer: nn.Module, dtype) -> nn.Module:
+    """ref (built on meta) with copies of layer's parameters and buffers of the same names (ref's own:
+    weight, bias, recurrent weight, leak logit, threshold), on layer's device, in `dtype` if given."""
+    for name, _ in list(ref.named_parameters(recurse=False)):
+        setattr(ref, name, nn.Parameter(getattr(layer, name).detach().clone()))
+    for name, _ in list(ref.named_buffers(recurse=False)):
+        setattr(ref, name, getattr(layer, name).detach().clone())
     return ref if dtype is None else ref.to(dtype)
 
 
-class BPTTLIF(nn.Module):
-    """Linear synapses into LIF neurons (eq. 1), autograd BPTT; input (T, B, in), output (T, B, out) spikes.
+class _Leak(nn.Module):
+    """A module with one leak factor: the float `beta`, or `beta = sigmoid(beta_logit)` (0-dim parameter)."""
 
-    `surrogate`: the spike's backward (default: the dense normal surrogate at delta 0.05); a `g`
-    given to `forward` replaces it for that call. Weights initialised as `SparseLIFLinear`'s, made
-    on `device` in `dtype` as torch's modules do.
+    def _init_leak(self, beta: float, learn_beta: bool, device, dtype) -> None:
+        self.learn_beta = bool(learn_beta)
+        self._beta = unit_interval("beta", beta)
+        logit = None
+        if self.learn_beta:
+            if self._beta == 1.0:
+                raise ValueError("beta must be < 1 with learn_beta=True (sigmoid(beta_logit) cannot reach 1), got 1.0")
+            logit = nn.Parameter(torch.tensor(math.log(self._beta / (1.0 - self._beta)), device=device, dtype=dtype))
+        self.register_parameter("beta_logit", logit)
+
+    @property
+    def beta(self) -> float:
+        """The leak factor now (read-only): sigmoid(beta_logit) with `learn_beta`, else the fixed value."""
+        return float(torch.sigmoid(self.beta_logit.detach())) if self.learn_beta else self._beta
+
+    def leak(self) -> float | torch.Tensor:
+        """beta for a forward: the fixed float, or sigmoid(beta_logit) in the graph."""
+        return torch.sigmoid(self.beta_logit) if self.learn_beta else self._beta
+
+
+class BPTTLIF(_Leak):
+    """Linear synapses into LIF neurons (the family of DESIGN.md section 9), autograd BPTT; input
+    (T, B, in), output (T, B, out) spikes.
+
+    `threshold`: a number or an (out,) tensor, kept as the (out,) tensor `threshold` (a buffer, the
+    parameter with `learn_threshold`); `recurrent`: an (out, out) `recurrent_weight`, no bias;
+    `surrogate`: the spike's backward (default: the dense normal surrogate at delta 0.05), replaced
+    for one call by a `g` given to `forward`. Weights initialised as `SparseLIFLinear`'s, made on
+    `device` in `dtype` as torch's modules do.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, beta: float, threshold: float = 1.0,
-                 bias: bool = False, surrogate: Surrogate | None = None, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, *, beta: float, threshold: float | torch.Tensor = 1.0,
+                 recurrent: bool = False, reset: str = "subtract", learn_beta: bool = False,
+                 learn_threshold: bool = False, bias: bool = False, surrogate: Surrogate | None = None, device=None,
+                 dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.beta, self.threshold = beta, threshold
+        self.recurrent, self.reset = bool(recurrent), choice("reset", reset, RESETS)
+        self.learn_threshold = bool(learn_threshold)
         self.surrogate = surrogate if surrogate is not None else Surrogate.dense()
-        _parameters(self, bias, device, dtype)
+        self.weight = nn.Parameter(_uniform(out_features, in_features, device, dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.recurrent_weight = (nn.Parameter(_uniform(out_features, out_features, device, dtype)) if self.recurrent
+                                 else None)
+        self._init_leak(beta, learn_beta, device, dtype)
+        theta = torch.as_tensor(threshold, device=device, dtype=dtype or torch.get_default_dtype()).detach()
+        if theta.dim() > 1 or theta.numel() not in (1, out_features):
+            raise ValueError(f"threshold must be a number or an ({out_features},) tensor, got shape {tuple(theta.shape)}")
+        if not theta.is_meta and not bool((theta > 0).all()):
+            raise ValueError("threshold must be > 0 for every neuron")
+        theta = theta.reshape(-1).expand(out_features).clone()
+        if self.learn_threshold:
+            self.threshold = nn.Parameter(theta)
+        else:
+            self.register_buffer("threshold", theta)
 
     @classmethod
     def from_layer(cls, layer, surrogate: Surrogate | None = None, dtype: torch.dtype | None = None) -> BPTTLIF:
-        """A copy of a `SparseLIFLinear` (weight, bias, beta, threshold; on its device); `surrogate`
-        defaults to the dense surrogate of its law and delta (`Surrogate.of_layer`)."""
-        ref = cls(layer.in_features, layer.out_features, beta=layer.beta, threshold=layer.threshold,
+        """A copy of a `SparseLIFLinear` (weight, bias, recurrent weight, leak or its logit, threshold,
+        reset; on its device); `surrogate` defaults to the dense surrogate of its law and delta
+        (`Surrogate.of_layer`)."""
+        ref = cls(layer.in_features, layer.out_features, beta=layer.beta, recurrent=layer.recurrent,
+                  reset=layer.reset, learn_beta=layer.learn_beta, learn_threshold=layer.learn_threshold,
+                  bias=layer.bias is not None,
                   surrogate=surrogate if surrogate is not None else Surrogate.of_layer(layer), device="meta")
-        return _copy_parameters(ref, layer, dtype)
+        return _copy_state(ref, layer, dtype)
 
     def current(self, x: torch.Tensor) -> torch.Tensor:
-        """I = x W^T (+ b) for all steps: one GEMM."""
+        """The feed-forward current x W^T (+ b) for all steps: one GEMM."""
         current = torch.matmul(x, self.weight.t())
         return current if self.bias is None else current + self.bias
 
-    def membrane(self, u: torch.Tensor, s: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """u[t] from u[t-1], s[t-1] and I[t] (eq. 1, subtractive reset held constant in backward)."""
-        return self.beta * u + current - _times(self.threshold, s.detach())
+    def membrane(self, u: torch.Tensor, s: torch.Tensor, current: torch.Tensor, beta, theta) -> torch.Tensor:
+        """u[t] from u[t-1], s[t-1] and the full current I[t]; the reset factor s[t-1] held constant in backward."""
+        if self.reset == "zero":
+            return beta * (1 - s.detach()) * u + current
+        return torch.addcmul(beta * u + current, theta, s.detach(), value=-1)
 
     def dynamics(self, current: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
-        """Spikes (T, B, out) for a given input current (T, B, out); backward through `g` if given
-        (a (T, B, out) tensor, e.g. the active set a layer formed, as a dense grid), else the surrogate."""
+        """Spikes (T, B, out) for a given feed-forward current (T, B, out) (the recurrent input is added
+        here, step by step); backward through `g` if given (a (T, B, out) tensor, e.g. the active set a
+        layer formed, as a dense grid), else the surrogate."""
         currents = current.unbind(0)
         if g is None:
             spike = lambda v, t: self.surrogate(v)  # noqa: E731
         else:
             gs = g.unbind(0)
             spike = lambda v, t: SpikeWithGrad.apply(v, gs[t])  # noqa: E731
+        beta, theta = self.leak(), self.threshold.clamp(min=THRESHOLD_FLOOR)
+        recurrent = None if self.recurrent_weight is None else self.recurrent_weight.t()
         u = torch.zeros_like(currents[0])
         s = torch.zeros_like(currents[0])
         out = []
         for t, i_t in enumerate(currents):
-            u = self.membrane(u, s, i_t)
-            s = spike(u - self.threshold, t)
+            if recurrent is not None:  # V s[t-1] (s[-1] = 0: V gets its zero gradient at T = 1 too)
+                i_t = torch.addmm(i_t, s, recurrent)
+            u = self.membrane(u, s, i_t, beta, theta)
+            s = spike(u - theta, t)
             out.append(s)
         return torch.stack(out)
 
@@ -175,41 +228,47 @@ class BPTTLIF(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.surrogate
-        return (f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}, threshold={self.threshold:g}, "
+        flags = "".join(f", {name}=True" for name in ("recurrent", "learn_beta", "learn_threshold") if getattr(self, name))
+        return (f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}, reset={self.reset}{flags}, "
                 f"surrogate={s.law.name} delta={s.delta:g}" + ("" if s.bth is None else f" bth={s.bth:.4g}"))
 
 
-class BPTTReadout(nn.Module):
+class BPTTReadout(_Leak):
     """Leaky integrator o[t] = beta o[t-1] + (1 - beta) (W s[t] (+ b)), autograd BPTT; (T, B, in) -> (T, B, out).
 
-    Weights initialised as `LeakyReadout`'s, made on `device` in `dtype`."""
+    `learn_beta`: beta = sigmoid(beta_logit), a 0-dim parameter. Weights initialised as
+    `LeakyReadout`'s, made on `device` in `dtype`."""
 
-    def __init__(self, in_features: int, out_features: int, *, beta: float, bias: bool = False, device=None,
-                 dtype=None):
+    def __init__(self, in_features: int, out_features: int, *, beta: float, bias: bool = False,
+                 learn_beta: bool = False, device=None, dtype=None):
         super().__init__()
-        self.in_features, self.out_features, self.beta = in_features, out_features, beta
-        _parameters(self, bias, device, dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(_uniform(out_features, in_features, device, dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._init_leak(beta, learn_beta, device, dtype)
 
     @classmethod
     def from_layer(cls, layer, dtype: torch.dtype | None = None) -> BPTTReadout:
-        """A copy of a `LeakyReadout` (weight, bias, beta; on its device)."""
-        ref = cls(layer.in_features, layer.out_features, beta=layer.beta, device="meta")
-        return _copy_parameters(ref, layer, dtype)
+        """A copy of a `LeakyReadout` (weight, bias, leak or its logit; on its device)."""
+        ref = cls(layer.in_features, layer.out_features, beta=layer.beta, bias=layer.bias is not None,
+                  learn_beta=layer.learn_beta, device="meta")
+        return _copy_state(ref, layer, dtype)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
+        beta = self.leak()
         current = torch.matmul(s, self.weight.t())
         if self.bias is not None:
             current = current + self.bias
-        currents = (current * (1 - self.beta)).unbind(0)
+        currents = (current * (1 - beta)).unbind(0)
         o = torch.zeros_like(currents[0])
         out = []
         for i_t in currents:
-            o = self.beta * o + i_t
+            o = beta * o + i_t
             out.append(o)
         return torch.stack(out)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}"
+        return f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}" + (", learn_beta=True" if self.learn_beta else "")
 
 
 class BPTTNet(nn.Module):
