@@ -16,6 +16,12 @@ take the input (--events) and loss (--regulariser) of the timed steps.
     python bench/bench_layer.py --regulariser  # loss = cross-entropy + the training's spike-count regulariser
     python bench/bench_layer.py --events       # the engine takes the input as events (sparse COO), as the
                                                # data sets deliver it; the BPTT takes it dense
+    python bench/bench_layer.py --recurrent --steps 300 --batch 128 --events   # 700-200r-200r-20
+    python bench/bench_layer.py --recurrent --hidden 1024 --layers 1 --steps 300 --batch 128 --events
+
+With --recurrent every hidden layer adds V s[t-1] (`SparseLIFLinear(recurrent=True)`, the BPTT's
+`BPTTLIF(recurrent=True)`), V (out, out) drawn U(-1/sqrt(out), 1/sqrt(out)) times --recurrent-gain,
+the same for every method.
 """
 
 from __future__ import annotations
@@ -43,26 +49,34 @@ def build(method: str, args) -> nn.Sequential:
     beta, beta_out = math.exp(-0.2), math.exp(-0.1)
     sizes = [args.inputs] + [args.hidden] * args.layers
     if method == "bptt":  # the package's autograd BPTT, dense surrogate of the engine's law and delta
-        # made on meta, then given storage: its weights come from `gen` below, nothing is drawn from the
-        # global generator (whose state sets the LocalZO keys of what runs next, e.g. gpu_report's activity)
+        # its weights come from `gen` below: the draws of its constructors are undone, so nothing is taken
+        # from the global generator (whose state sets the LocalZO keys of what runs next, e.g. gpu_report's activity)
         surrogate = Surrogate.dense("normal", args.delta)
-        hidden = [BPTTLIF(a, b, beta=beta, surrogate=surrogate, device="meta") for a, b in zip(sizes[:-1], sizes[1:])]
-        readout = BPTTReadout(args.hidden, args.classes, beta=beta_out, device="meta")
-        model = nn.Sequential(*hidden, readout).to_empty(device="cpu")
+        with torch.random.fork_rng(devices=[]):
+            hidden = [BPTTLIF(a, b, beta=beta, recurrent=args.recurrent, surrogate=surrogate)
+                      for a, b in zip(sizes[:-1], sizes[1:])]
+            readout = BPTTReadout(args.hidden, args.classes, beta=beta_out)
+        model = nn.Sequential(*hidden, readout)
     else:
         hidden = [
-            SparseLIFLinear(a, b, beta=beta, grad="localzo", dist="normal", delta=args.delta, m=1, path=method)
+            SparseLIFLinear(a, b, beta=beta, recurrent=args.recurrent, grad="localzo", dist="normal", delta=args.delta,
+                            m=1, path=method)
             for a, b in zip(sizes[:-1], sizes[1:])
         ]
         readout = LeakyReadout(args.hidden, args.classes, beta=beta_out)
         model = nn.Sequential(*hidden, readout)
     gen = torch.Generator().manual_seed(args.seed)
+
+    def draw(weight, scale):
+        bound = 1.0 / math.sqrt(weight.shape[1])
+        weight.copy_(torch.empty_like(weight).uniform_(-bound, bound, generator=gen) * scale)
+
     with torch.no_grad():  # identical weights for every method
-        for layer in model:
-            bound = 1.0 / math.sqrt(layer.weight.shape[1])
-            layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=gen))
-            if layer is not model[-1]:
-                layer.weight.mul_(args.gain)
+        for layer in model[:-1]:
+            draw(layer.weight, args.gain)
+            if args.recurrent:
+                draw(layer.recurrent_weight, args.recurrent_gain)
+        draw(model[-1].weight, 1.0)
     return model.to(args.device)
 
 
@@ -167,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--input-rate", type=float, default=0.02)
     parser.add_argument("--gain", type=float, default=4.0, help="scale of the hidden weights (sets the firing rate)")
+    parser.add_argument("--recurrent", action="store_true", help="recurrent hidden layers (all-to-all V s[t-1])")
+    parser.add_argument("--recurrent-gain", type=float, default=1.0, help="scale of the recurrent weights")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
@@ -196,7 +212,9 @@ def main(argv=None):
 
     b_th = get_distribution("normal").backprop_threshold(args.delta)
     print(
-        f"T={args.steps} B={args.batch} {args.inputs}-{'-'.join([str(args.hidden)] * args.layers)}-{args.classes} "
+        f"T={args.steps} B={args.batch} "
+        f"{args.inputs}-{'-'.join([f'{args.hidden}r' if args.recurrent else str(args.hidden)] * args.layers)}-{args.classes} "
+        f"{f'(recurrent gain {args.recurrent_gain:g}) ' if args.recurrent else ''}"
         f"LocalZO normal delta={args.delta} m=1 (B_th={b_th:.4f}), input rate {args.input_rate}"
         f"{' as events' if args.events else ''}, "
         f"{args.device} ({args.threads} threads), engine backend {backend}, medians of {args.repeats}"

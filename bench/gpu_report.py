@@ -95,7 +95,8 @@ class Cost:
 def shape_args(steps=500, batch=256, inputs=700, hidden=200, classes=20):
     """bench_layer.py's arguments (defaults: its SHD shape)."""
     return argparse.Namespace(steps=steps, batch=batch, inputs=inputs, hidden=hidden, layers=2, classes=classes,
-                              delta=0.05, input_rate=0.02, gain=4.0, seed=0, device="cpu")
+                              delta=0.05, input_rate=0.02, gain=4.0, recurrent=False, recurrent_gain=1.0, seed=0,
+                              device="cpu")
 
 
 #: the small grid on which ops are counted (the counts depend on neither T, widths nor activity)
