@@ -9,7 +9,8 @@ BPTT op counts of `bench/gpu_report.py`), and the "step x BPTT" column of `ztrit
   `recurrent`); `reset="subtract"` (eq. 1): `u[t] = beta u[t-1] + I[t] - theta s[t-1]`;
   `reset="zero"`: `u[t] = beta (1 - s[t-1]) u[t-1] + I[t]`; `s[t] = H(u[t] - theta)`,
   `u[-1] = s[-1] = 0`. The reset factor s[t-1] is held constant in backward, the recurrent input
-  V s[t-1] is differentiated. theta is the (out,) `threshold` floored at `THRESHOLD_FLOOR` (a
+  V s[t-1] is differentiated. theta is the (out,) `threshold` floored at the engine's
+  `ztriton.layers.THRESHOLD_FLOOR` (a
   buffer, or a parameter with `learn_threshold`); with `learn_beta`, beta = sigmoid(`beta_logit`),
   a 0-dim parameter. The spike's backward is a `Surrogate` (the dense expected surrogate of a
   law, optionally truncated at B_th as SparseGrad does), or, per call, a given g (`forward(x, g)`:
@@ -40,12 +41,9 @@ from torch import nn
 from ._checks import choice, unit_interval
 from .distributions import Distribution, resolve
 from .functional import SpikeWithGrad, heaviside
+from .layers import RESETS, THRESHOLD_FLOOR
 
-__all__ = ["Surrogate", "BPTTLIF", "BPTTReadout", "BPTTNet", "snn_reference", "THRESHOLD_FLOOR"]
-
-#: the forward's theta is max(threshold, THRESHOLD_FLOOR), as the engine's layer floors it
-THRESHOLD_FLOOR = 1e-3
-RESETS = ("subtract", "zero")
+__all__ = ["Surrogate", "BPTTLIF", "BPTTReadout", "BPTTNet", "snn_reference"]
 
 
 @dataclass(frozen=True)
