@@ -94,7 +94,8 @@ def test_copies_share_nothing_and_draw_nothing():
     ref = BPTTNet.from_layers([lif], readout, dtype=torch.float32)
     assert torch.equal(torch.get_rng_state(), state)
     assert ref.hidden[0].weight.dtype == torch.float32 and ref.readout.bias is None
-    assert (ref.hidden[0].beta, ref.hidden[0].threshold, ref.readout.beta) == (0.9, 0.8, 0.8)
+    assert (ref.hidden[0].beta, ref.readout.beta) == (0.9, 0.8)
+    assert torch.equal(ref.hidden[0].threshold, torch.full((7,), 0.8)) and "threshold" in dict(ref.hidden[0].named_buffers())
     assert ref.hidden[0].surrogate == Surrogate(lif.rule.law, 0.3)
     with torch.no_grad():
         ref.hidden[0].weight.zero_()
@@ -259,3 +260,54 @@ def test_family_arguments_are_checked():
     with pytest.raises(AttributeError):
         lif.beta = 0.5
     assert "threshold" in dict(lif.named_buffers()) and lif.recurrent_weight is None
+
+
+@pytest.mark.parametrize("recurrent,reset,learn_beta,learn_threshold", FAMILY, ids=FAMILY_IDS)
+def test_from_layer_of_a_family_layer_computes_what_the_layer_does(recurrent, reset, learn_beta, learn_threshold):
+    """A copy of a family SparseLIFLinear (float64, surrogate rule) gives its spikes and its gradients of
+    x, W, b, V, beta_logit and theta; the copy's tensors are its own."""
+    torch.manual_seed(0)
+    lif = SparseLIFLinear(11, 7, beta=0.85, threshold=torch.linspace(0.6, 1.1, 7), recurrent=recurrent, reset=reset,
+                          learn_beta=learn_beta, learn_threshold=learn_threshold, bias=True, grad="surrogate",
+                          delta=0.3, backend="torch").double()
+    with torch.no_grad():
+        lif.weight.mul_(3)
+        lif.bias.uniform_(-0.2, 0.2)
+        if recurrent:
+            lif.recurrent_weight.mul_(2)
+    ref = BPTTLIF.from_layer(lif)
+    assert (ref.recurrent, ref.reset, ref.learn_beta, ref.learn_threshold) == (recurrent, reset, learn_beta,
+                                                                               learn_threshold)
+    params = dict(lif.named_parameters())
+    assert sorted(name for name, _ in ref.named_parameters()) == sorted(params)
+    assert torch.equal(ref.threshold, lif.threshold) and ref.beta == lif.beta
+    assert all(p.data_ptr() != params[name].data_ptr() for name, p in ref.named_parameters())
+    x = (torch.rand(17, 3, 11, generator=torch.Generator().manual_seed(2)) < 0.4).double()
+    grad_out = torch.randn(17, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x_lif, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    spikes = lif(x_lif)
+    assert torch.equal(spikes, ref(x_ref)) and 0.05 < spikes.mean() < 0.8
+    spikes.backward(grad_out)
+    ref(x_ref).backward(grad_out)
+    torch.testing.assert_close(x_ref.grad, x_lif.grad, rtol=1e-10, atol=1e-10)
+    for name, p in ref.named_parameters():
+        assert params[name].grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_from_layer_of_a_readout_with_a_learnt_leak():
+    torch.manual_seed(0)
+    readout = LeakyReadout(11, 4, beta=0.7, bias=True, learn_beta=True, backend="torch").double()
+    with torch.no_grad():
+        readout.beta_logit.fill_(0.4)
+        readout.bias.uniform_(-0.5, 0.5)
+    ref = BPTTReadout.from_layer(readout)
+    assert ref.learn_beta and ref.beta == readout.beta and ref.bias is not None
+    grad_out = torch.randn(17, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = readout(X)
+    torch.testing.assert_close(ref(X), out, rtol=1e-13, atol=1e-13)
+    out.backward(grad_out)
+    ref(X).backward(grad_out)
+    params = dict(readout.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-10, atol=1e-10, msg=name)

@@ -9,10 +9,9 @@ BPTT op counts of `bench/gpu_report.py`), and the "step x BPTT" column of `ztrit
   `recurrent`); `reset="subtract"` (eq. 1): `u[t] = beta u[t-1] + I[t] - theta s[t-1]`;
   `reset="zero"`: `u[t] = beta (1 - s[t-1]) u[t-1] + I[t]`; `s[t] = H(u[t] - theta)`,
   `u[-1] = s[-1] = 0`. The reset factor s[t-1] is held constant in backward, the recurrent input
-  V s[t-1] is differentiated. theta is the (out,) `threshold` floored at the engine's
-  `ztriton.layers.THRESHOLD_FLOOR` (a
-  buffer, or a parameter with `learn_threshold`); with `learn_beta`, beta = sigmoid(`beta_logit`),
-  a 0-dim parameter. The spike's backward is a `Surrogate` (the dense expected surrogate of a
+  V s[t-1] is differentiated. theta is the (out,) `threshold` (a buffer, or a parameter with
+  `learn_threshold`) floored at the engine's `ztriton.layers.THRESHOLD_FLOOR`; with `learn_beta`,
+  beta = sigmoid(`beta_logit`), a 0-dim parameter. The spike's backward is a `Surrogate` (the dense expected surrogate of a
   law, optionally truncated at B_th as SparseGrad does), or, per call, a given g (`forward(x, g)`:
   the g a LocalZO / SparseGrad layer formed, for autograd through the same g).
 - `BPTTReadout`: `o[t] = beta o[t-1] + (1 - beta) (W s[t] (+ b))`, `o[-1] = 0`; `learn_beta` as above.
@@ -208,7 +207,8 @@ class BPTTLIF(_Leak):
         else:
             gs = g.unbind(0)
             spike = lambda v, t: SpikeWithGrad.apply(v, gs[t])  # noqa: E731
-        beta, theta = self.leak(), self.threshold.clamp(min=THRESHOLD_FLOOR)
+        # theta in the current's dtype (the engine keeps a fixed threshold as a float64 buffer)
+        beta, theta = self.leak(), self.threshold.clamp(min=THRESHOLD_FLOOR).to(current.dtype)
         recurrent = None if self.recurrent_weight is None else self.recurrent_weight.t()
         u = torch.zeros_like(currents[0])
         s = torch.zeros_like(currents[0])
