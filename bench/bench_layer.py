@@ -211,9 +211,9 @@ def main(argv=None):
     memory = {m: None if args.no_memory else peak_memory(m, args) for m in METHODS}
 
     b_th = get_distribution("normal").backprop_threshold(args.delta)
+    hidden = f"{args.hidden}r" if args.recurrent else str(args.hidden)
     print(
-        f"T={args.steps} B={args.batch} "
-        f"{args.inputs}-{'-'.join([f'{args.hidden}r' if args.recurrent else str(args.hidden)] * args.layers)}-{args.classes} "
+        f"T={args.steps} B={args.batch} {args.inputs}-{'-'.join([hidden] * args.layers)}-{args.classes} "
         f"{f'(recurrent gain {args.recurrent_gain:g}) ' if args.recurrent else ''}"
         f"LocalZO normal delta={args.delta} m=1 (B_th={b_th:.4f}), input rate {args.input_rate}"
         f"{' as events' if args.events else ''}, "
@@ -221,6 +221,7 @@ def main(argv=None):
     )
     print("active fraction per layer: " + ", ".join(f"{100 * s['active_fraction']:.3f} %" for s in stats))
     print("auto chose: " + ", ".join(auto_paths))
+    print("the sparse path's ops ran on: " + ", ".join(f"{op} {impl}" for op, impl in stats[0]["ops"].items()))
     header = f"{'method':<8}{'forward ms':>12}{'backward ms':>13}{'overall ms':>12}{'peak MiB':>10}"
     header += f"{'bwd x bptt':>12}{'all x bptt':>12}{'bwd x dense':>13}"
     print(header)

@@ -236,7 +236,8 @@ def main(argv=None):
           f"{f' (recurrent gain {args.recurrent_gain:g})' if args.recurrent else ''}, "
           f"input rate {args.input_rate}, {torch.get_num_threads()} threads, medians of {args.repeats}; "
           f"ztriton backend {layers[0].stats['backend']}, active "
-          + ", ".join(f"{100 * layer.stats['active_fraction']:.2f} %" for layer in layers))
+          + ", ".join(f"{100 * layer.stats['active_fraction']:.2f} %" for layer in layers)
+          + "; ztriton's ops ran on: " + ", ".join(f"{op} {impl}" for op, impl in layers[0].stats["ops"].items()))
     best = min((statistics.median(sum(t) for t in times[name]) for name in peers), default=None)
     bptt_step = statistics.median(sum(t) for t in times["autograd BPTT"])
     print(f"{'framework':<24}{'forward ms':>12}{'backward ms':>13}{'step ms':>10}{'spike rate':>12}"

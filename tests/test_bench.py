@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -22,21 +23,25 @@ def test_kernel_benchmark_methods_agree():
         torch.testing.assert_close(value.to_dense() if value.is_sparse else value, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_layer_benchmark_prints_its_table(capsys):
+@pytest.mark.parametrize("flags", [[], ["--recurrent"]], ids=["feed-forward", "recurrent"])
+def test_layer_benchmark_prints_its_table(capsys, flags):
     bench_layer.main(["--steps", "20", "--batch", "4", "--inputs", "30", "--hidden", "16", "--classes", "3",
-                      "--repeats", "1", "--no-memory"])
+                      "--repeats", "1", "--no-memory", *flags])
     out = capsys.readouterr().out
+    assert ("-16r-16r-3 " in out) == bool(flags)
     for method in bench_layer.METHODS:
         assert f"\n{method:<8}" in out
     assert "active fraction per layer" in out
 
 
-def test_peers_benchmark_prints_its_table(capsys):
+@pytest.mark.parametrize("flags", [[], ["--recurrent"]], ids=["feed-forward", "recurrent"])
+def test_peers_benchmark_prints_its_table(capsys, flags):
     import bench_peers
 
-    bench_peers.main(["--steps", "12", "--batch", "3", "--inputs", "30", "--hidden", "16", "--repeats", "1"])
+    bench_peers.main(["--steps", "12", "--batch", "3", "--inputs", "30", "--hidden", "16", "--repeats", "1", *flags])
     out = capsys.readouterr().out
-    assert "\nztriton (events)" in out and "\nztriton (dense input)" in out
+    assert "\nztriton (events)" in out and "\nztriton (dense input)" in out and "\nautograd BPTT " in out
+    assert ("-16r-16r LIF" in out) == bool(flags)
     for peer in ("snntorch", "spikingjelly"):  # measured where installed, else named as skipped
         assert f"\n{peer} " in out or f"{peer}: not installed, skipped" in out
 

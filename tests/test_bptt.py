@@ -95,7 +95,8 @@ def test_copies_share_nothing_and_draw_nothing():
     assert torch.equal(torch.get_rng_state(), state)
     assert ref.hidden[0].weight.dtype == torch.float32 and ref.readout.bias is None
     assert (ref.hidden[0].beta, ref.readout.beta) == (0.9, 0.8)
-    assert torch.equal(ref.hidden[0].threshold, torch.full((7,), 0.8)) and "threshold" in dict(ref.hidden[0].named_buffers())
+    assert torch.equal(ref.hidden[0].threshold, torch.full((7,), 0.8))
+    assert "threshold" in dict(ref.hidden[0].named_buffers())
     assert ref.hidden[0].surrogate == Surrogate(lif.rule.law, 0.3)
     with torch.no_grad():
         ref.hidden[0].weight.zero_()
@@ -128,7 +129,7 @@ def test_snn_reference_is_the_training_network():
         torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("family", [{}, {"recurrent": True, "reset": "zero", "learn_beta": True, "learn_threshold": True}],
+@pytest.mark.parametrize("family", [{}, dict(recurrent=True, reset="zero", learn_beta=True, learn_threshold=True)],
                          ids=["eq1", "family"])
 def test_work_per_step_is_constant(family):
     """The time axis is unbound once: every step adds the same ops, forward and backward (indexing a
@@ -150,7 +151,8 @@ def test_work_per_step_is_constant(family):
 
 
 FAMILY = list(itertools.product((False, True), ("subtract", "zero"), (False, True), (False, True)))
-FAMILY_IDS = [f"{'rec' if r else 'ff'}-{reset}{'-lb' if lb else ''}{'-lt' if lt else ''}" for r, reset, lb, lt in FAMILY]
+FAMILY_IDS = [f"{'rec' if r else 'ff'}-{reset}{'-lb' if lb else ''}{'-lt' if lt else ''}"
+              for r, reset, lb, lt in FAMILY]
 
 
 def family_reference(recurrent, reset, learn_beta, learn_threshold):

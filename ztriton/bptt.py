@@ -11,9 +11,10 @@ BPTT op counts of `bench/gpu_report.py`), and the "step x BPTT" column of `ztrit
   `u[-1] = s[-1] = 0`. The reset factor s[t-1] is held constant in backward, the recurrent input
   V s[t-1] is differentiated. theta is the (out,) `threshold` (a buffer, or a parameter with
   `learn_threshold`) floored at the engine's `ztriton.layers.THRESHOLD_FLOOR`; with `learn_beta`,
-  beta = sigmoid(`beta_logit`), a 0-dim parameter. The spike's backward is a `Surrogate` (the dense expected surrogate of a
-  law, optionally truncated at B_th as SparseGrad does), or, per call, a given g (`forward(x, g)`:
-  the g a LocalZO / SparseGrad layer formed, for autograd through the same g).
+  beta = sigmoid(`beta_logit`), a 0-dim parameter. The spike's backward is a `Surrogate` (the
+  dense expected surrogate of a law, optionally truncated at B_th as SparseGrad does), or, per
+  call, a given g (`forward(x, g)`: the g a LocalZO / SparseGrad layer formed, for autograd
+  through the same g).
 - `BPTTReadout`: `o[t] = beta o[t-1] + (1 - beta) (W s[t] (+ b))`, `o[-1] = 0`; `learn_beta` as above.
 - `BPTTNet`: hidden `BPTTLIF` layers and a `BPTTReadout`, like `ztriton.train.SNN`;
   `snn_reference` builds the one matching the training application's network.
@@ -166,7 +167,8 @@ class BPTTLIF(_Leak):
         self._init_leak(beta, learn_beta, device, dtype)
         theta = torch.as_tensor(threshold, device=device, dtype=dtype or torch.get_default_dtype()).detach()
         if theta.dim() > 1 or theta.numel() not in (1, out_features):
-            raise ValueError(f"threshold must be a number or an ({out_features},) tensor, got shape {tuple(theta.shape)}")
+            raise ValueError(f"threshold must be a number or an ({out_features},) tensor, "
+                             f"got shape {tuple(theta.shape)}")
         if not theta.is_meta and not bool((theta > 0).all()):
             raise ValueError("threshold must be > 0 for every neuron")
         theta = theta.reshape(-1).expand(out_features).clone()
@@ -226,7 +228,8 @@ class BPTTLIF(_Leak):
 
     def extra_repr(self) -> str:
         s = self.surrogate
-        flags = "".join(f", {name}=True" for name in ("recurrent", "learn_beta", "learn_threshold") if getattr(self, name))
+        flags = "".join(f", {name}=True" for name in ("recurrent", "learn_beta", "learn_threshold")
+                        if getattr(self, name))
         return (f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}, reset={self.reset}{flags}, "
                 f"surrogate={s.law.name} delta={s.delta:g}" + ("" if s.bth is None else f" bth={s.bth:.4g}"))
 
@@ -266,7 +269,8 @@ class BPTTReadout(_Leak):
         return torch.stack(out)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}" + (", learn_beta=True" if self.learn_beta else "")
+        learn = ", learn_beta=True" if self.learn_beta else ""
+        return f"{self.in_features}, {self.out_features}, beta={self.beta:.4g}{learn}"
 
 
 class BPTTNet(nn.Module):
