@@ -17,6 +17,7 @@ import torch
 
 from ztriton import LeakyReadout, SparseLIFLinear, native
 from ztriton.layers import THRESHOLD_FLOOR
+from ztriton.sparse import producer_of
 
 BACKENDS = ["torch"] + (["native"] if native.AVAILABLE else [])
 VARIANTS = list(itertools.product([False, True], ["subtract", "zero"], [False, True], [False, True]))
@@ -36,9 +37,9 @@ class _Spike(torch.autograd.Function):
         return grad * g, None
 
 
-def oracle(layer: SparseLIFLinear, x: torch.Tensor):
-    """(spikes, parameters) of the layer's dynamics by plain autograd, with its g law on its own v;
-    the parameters are copies (leaves) of the layer's, x is used as given."""
+def oracle(layer: SparseLIFLinear, x: torch.Tensor, given_g: torch.Tensor | None = None):
+    """(spikes, parameters) of the layer's dynamics by plain autograd, with its g law on its own v
+    (or `given_g`, a (T, B, N) grid); the parameters are copies (leaves) of the layer's, x is used as given."""
     weight = layer.weight.detach().clone().requires_grad_()
     bias = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
     rec = None if layer.recurrent_weight is None else layer.recurrent_weight.detach().clone().requires_grad_()
@@ -60,7 +61,7 @@ def oracle(layer: SparseLIFLinear, x: torch.Tensor):
         else:
             u = beta * u + current - theta * s.detach()
         v = u - theta
-        g = rule.law.expected_grad(v.detach(), rule.delta)
+        g = rule.law.expected_grad(v.detach(), rule.delta) if given_g is None else given_g[t]
         if rule.grad == "sparsegrad":
             g = g * (v.detach().abs() < rule.bth)
         s = _Spike.apply(v, g)
@@ -244,6 +245,26 @@ def test_stacked_family_layers_pass_sparse_gradients(reset, backend):
         for name, ref in params.items():
             torch.testing.assert_close(getattr(layer, name).grad, ref.grad, rtol=1e-9, atol=1e-10,
                                        msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recurrent,reset", [(True, "zero"), (True, "subtract"), (False, "zero")])
+def test_localzo_family_equals_autograd_through_its_g(recurrent, reset, backend):
+    """LocalZO on the sparse path: autograd through the g the layer drew (its active set) gives its gradients."""
+    layer = make_layer(recurrent, reset, True, True, grad="localzo", path="sparse", backend=backend, bias=True)
+    x = inputs(23, 3, 7).requires_grad_()
+    loss_weights = torch.randn(23, 3, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    spikes = layer(x)
+    (spikes * loss_weights).sum().backward()
+    g = producer_of(spikes).dense().double()
+    assert g.count_nonzero() >= 10
+    x_ref = x.detach().clone().requires_grad_()
+    ref, params = oracle(layer, x_ref, given_g=g)
+    (ref * loss_weights).sum().backward()
+    assert torch.equal(spikes, ref)
+    for name, p in params.items():
+        torch.testing.assert_close(getattr(layer, name).grad, p.grad, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
