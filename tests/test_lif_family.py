@@ -17,6 +17,7 @@ import torch
 
 from ztriton import LeakyReadout, SparseLIFLinear, native
 from ztriton.layers import THRESHOLD_FLOOR
+from ztriton.sparse import producer_of
 
 BACKENDS = ["torch"] + (["native"] if native.AVAILABLE else [])
 VARIANTS = list(itertools.product([False, True], ["subtract", "zero"], [False, True], [False, True]))
@@ -36,9 +37,9 @@ class _Spike(torch.autograd.Function):
         return grad * g, None
 
 
-def oracle(layer: SparseLIFLinear, x: torch.Tensor):
-    """(spikes, parameters) of the layer's dynamics by plain autograd, with its g law on its own v;
-    the parameters are copies (leaves) of the layer's, x is used as given."""
+def oracle(layer: SparseLIFLinear, x: torch.Tensor, given_g: torch.Tensor | None = None):
+    """(spikes, parameters) of the layer's dynamics by plain autograd, with its g law on its own v
+    (or `given_g`, a (T, B, N) grid); the parameters are copies (leaves) of the layer's, x is used as given."""
     weight = layer.weight.detach().clone().requires_grad_()
     bias = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
     rec = None if layer.recurrent_weight is None else layer.recurrent_weight.detach().clone().requires_grad_()
@@ -60,7 +61,7 @@ def oracle(layer: SparseLIFLinear, x: torch.Tensor):
         else:
             u = beta * u + current - theta * s.detach()
         v = u - theta
-        g = rule.law.expected_grad(v.detach(), rule.delta)
+        g = rule.law.expected_grad(v.detach(), rule.delta) if given_g is None else given_g[t]
         if rule.grad == "sparsegrad":
             g = g * (v.detach().abs() < rule.bth)
         s = _Spike.apply(v, g)
@@ -214,3 +215,72 @@ def test_refilled_threshold_buffer_is_seen():
     after = layer(x)
     assert not torch.equal(before, after)
     check_against_oracle(layer, x)
+
+
+def stacked_oracle_loss(first, second, x, loss_weights):
+    h, p1 = oracle(first, x)
+    out, p2 = oracle(second, h)
+    (out * loss_weights).sum().backward()
+    return h, out, p1, p2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_stacked_family_layers_pass_sparse_gradients(reset, backend):
+    """Layer 2's input gradient reaches layer 1 as a sparse COO at layer 1's active entries (the
+    producer route), through the recurrent walk of layer 2: the same gradients as autograd."""
+    first = make_layer(True, reset, True, False, grad="sparsegrad", path="sparse", backend=backend, bias=True)
+    second = make_layer(True, reset, False, True, n_in=5, n_out=4, grad="sparsegrad", path="sparse", backend=backend,
+                        seed=3)
+    x = inputs(17, 3, 7)
+    loss_weights = torch.randn(17, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    h_ref, out_ref, p1, p2 = stacked_oracle_loss(first, second, x, loss_weights)
+    h = first(x)
+    grads = []
+    h.register_hook(grads.append)
+    out = second(h)
+    (out * loss_weights).sum().backward()
+    assert torch.equal(out, out_ref) and grads[0].is_sparse
+    for layer, params in ((first, p1), (second, p2)):
+        for name, ref in params.items():
+            torch.testing.assert_close(getattr(layer, name).grad, ref.grad, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recurrent,reset", [(True, "zero"), (True, "subtract"), (False, "zero")])
+def test_localzo_family_equals_autograd_through_its_g(recurrent, reset, backend):
+    """LocalZO on the sparse path: autograd through the g the layer drew (its active set) gives its gradients."""
+    layer = make_layer(recurrent, reset, True, True, grad="localzo", path="sparse", backend=backend, bias=True)
+    x = inputs(23, 3, 7).requires_grad_()
+    loss_weights = torch.randn(23, 3, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    spikes = layer(x)
+    (spikes * loss_weights).sum().backward()
+    g = producer_of(spikes).dense().double()
+    assert g.count_nonzero() >= 10
+    x_ref = x.detach().clone().requires_grad_()
+    ref, params = oracle(layer, x_ref, given_g=g)
+    (ref * loss_weights).sum().backward()
+    assert torch.equal(spikes, ref)
+    for name, p in params.items():
+        torch.testing.assert_close(getattr(layer, name).grad, p.grad, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_localzo_family_agrees_across_paths_and_is_reproducible(backend):
+    """LocalZO: one seed gives the same spikes and gradients on the dense and the sparse path, and again."""
+    grads = {}
+    for path in ("dense", "sparse", "sparse"):
+        layer = make_layer(True, "zero", True, True, grad="localzo", path=path, backend=backend, bias=True)
+        layer.generator = torch.Generator().manual_seed(11)
+        x = inputs(19, 4, 7).requires_grad_()
+        spikes = layer(x)
+        (spikes * torch.linspace(-1, 1, 5, dtype=torch.float64)).sum().backward()
+        got = [spikes, x.grad] + [p.grad for p in layer.parameters()]
+        assert layer.stats["active_fraction"] > 0
+        if path in grads:
+            assert all(torch.equal(a, b) for a, b in zip(got, grads[path]))
+        grads[path] = got
+    for a, b in zip(grads["dense"], grads["sparse"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

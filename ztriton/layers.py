@@ -166,7 +166,8 @@ class SparseLIFLinear(nn.Module):
 
     `stats` holds, for the last forward: `active_fraction`, `path`, `saved_bytes` (kept for
     backward), `backend`, `ops` (the implementation that ran each op of the call: forward and,
-    once its backward has run, weight_grad, input_grad, time_filter), `fallback` (why
+    once its backward has run, weight_grad, input_grad, time_filter; for the LIF family also adjoint
+    and recurrent_weight_grad), `fallback` (why
     backend="auto" took the torch backend, else None), `grid`, `crossover` and where it came from.
     Working buffers are cached on the layer between calls (`workspace_bytes`). A training forward in
     which the layer neither fires nor has an active entry warns once (`SilentLayerWarning`): such a
