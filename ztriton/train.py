@@ -115,7 +115,10 @@ class Config:
         if out.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {out.schedule!r}")
         out.f_up = preset.get("f_up", 1.0) if self.f_up is None else self.f_up
-        out.hidden = list(preset.get("hidden", DEFAULT_HIDDEN) if self.hidden is None else self.hidden)
+        hidden = preset.get("hidden", DEFAULT_HIDDEN) if self.hidden is None else self.hidden
+        if not isinstance(hidden, (list, tuple)):
+            raise TypeError(f"hidden must be a list of layer sizes, got {hidden!r}")
+        out.hidden = list(hidden)
         out.recurrent = preset.get("recurrent", False) if self.recurrent is None else self.recurrent
         out.reset = preset.get("reset", "subtract") if self.reset is None else self.reset
         for name in ("recurrent", "learn_beta", "learn_threshold"):
