@@ -16,9 +16,10 @@ ORDER = [
     "ztriton.scheduler",
     "ztriton.backends.base", "ztriton.backends.registry", "ztriton.backends.time_filter",
     "ztriton.backends.lif_forward", "ztriton.backends.weight_grad", "ztriton.backends.input_grad",
-    "ztriton.backends.torch_backend", "ztriton.backends.native_backend",
+    "ztriton.backends.lif_family", "ztriton.backends.torch_backend", "ztriton.backends.native_backend",
     "ztriton.backends.triton_backend", "ztriton.backends",
-    "ztriton.ops.common", "ztriton.ops.leaky_readout", "ztriton.ops.lif_linear", "ztriton.ops",
+    "ztriton.ops.common", "ztriton.ops.leaky_readout", "ztriton.ops.lif_linear", "ztriton.ops.lif_family",
+    "ztriton.ops",
     "ztriton.layers", "ztriton.init", "ztriton.calibration",
     "ztriton.train", "ztriton.bptt", "ztriton.compare", "ztriton.cli", "ztriton.__main__", "ztriton",
 ]

@@ -290,7 +290,7 @@ def test_optimizer_state_dict_and_gradient_accumulation():
     clone = SparseLIFLinear(16, 12, beta=0.9)
     clone.load_state_dict(layer.state_dict())
     assert torch.equal(clone.weight, layer.weight)
-    assert set(layer.state_dict()) == {"weight"}
+    assert set(layer.state_dict()) == {"weight", "threshold"}
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ from ztriton.backends import registry
 
 def test_every_op_has_a_torch_implementation():
     ops = {op for op, _ in registry.OPS}
-    assert ops == {"lif_forward", "weight_grad", "input_grad", "input_grad_at", "filtered_grad", "time_filter"}
+    assert ops == {"lif_forward", "weight_grad", "input_grad", "input_grad_at", "filtered_grad", "time_filter",
+                   "lif_family_forward", "lif_adjoint", "lif_adjoint_grid"}
     assert all((op, "torch") in registry.OPS for op in ops)
 
 

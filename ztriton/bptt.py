@@ -139,7 +139,9 @@ class BPTTLIF(nn.Module):
     def from_layer(cls, layer, surrogate: Surrogate | None = None, dtype: torch.dtype | None = None) -> BPTTLIF:
         """A copy of a `SparseLIFLinear` (weight, bias, beta, threshold; on its device); `surrogate`
         defaults to the dense surrogate of its law and delta (`Surrogate.of_layer`)."""
-        ref = cls(layer.in_features, layer.out_features, beta=layer.beta, threshold=layer.threshold,
+        theta = layer.threshold.detach()
+        threshold = float(theta[0]) if bool((theta == theta[0]).all()) else theta.clone()
+        ref = cls(layer.in_features, layer.out_features, beta=layer.beta, threshold=threshold,
                   surrogate=surrogate if surrogate is not None else Surrogate.of_layer(layer), device="meta")
         return _copy_parameters(ref, layer, dtype)
 

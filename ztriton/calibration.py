@@ -61,7 +61,7 @@ def calibrate(
     backend_name = probe.resolve_backend().name
     with torch.no_grad():  # the membrane distance |v| of this input, to set B_th for each activity
         current = torch.matmul(x, probe.weight.t())
-        v = lif_recurrence(current, torch.empty_like(current), probe.beta, probe.threshold)
+        v = lif_recurrence(current, torch.empty_like(current), probe.beta, 1.0)  # the probe's threshold
         levels = torch.quantile(v.abs().flatten()[:1_000_000].float(), torch.tensor(fractions, device=device))
     entry = {key: [] for key in ("fractions", "dense_s", "sparse_s", "dense_spread", "sparse_spread")}
     for bth in levels.tolist():

@@ -37,11 +37,17 @@ class SpikeRule:
 
 @dataclass(frozen=True)
 class LIFConfig:
-    """Hyper-parameters of one LIF layer (eq. 1): leak `beta`, threshold, spike rule."""
+    """Hyper-parameters of one LIF layer (eq. 1): leak `beta`, threshold, spike rule; for the LIF
+    family (DESIGN.md section 9) the reset ("subtract" or "zero") and which forward traces the
+    parameter gradients need (`trace_leak`: a learnable beta, `trace_reset`: a learnable theta
+    under the subtractive reset). The family's per-neuron threshold travels as a tensor."""
 
     beta: float
     threshold: float
     rule: SpikeRule
+    reset: str = "subtract"
+    trace_leak: bool = False
+    trace_reset: bool = False
 
 
 class LIFForward(NamedTuple):

@@ -2,6 +2,7 @@
 a backend (`ztriton.backends`), and returns its stats instead of writing into a module."""
 
 from .leaky_readout import LeakyReadoutFunction
+from .lif_family import LIFFamilyFunction
 from .lif_linear import LIFFunction, LIFStats, PathPolicy
 
-__all__ = ["LIFFunction", "LIFStats", "LeakyReadoutFunction", "PathPolicy"]
+__all__ = ["LIFFamilyFunction", "LIFFunction", "LIFStats", "LeakyReadoutFunction", "PathPolicy"]
