@@ -110,7 +110,7 @@ def recurrent_layer(seed=0):
 def test_recurrent_layers_are_brought_into_the_band(start):
     """W takes the gain g, V takes min(g, 1): a silent layer is scaled up with V at its init, a
     saturated one is scaled down, V with it."""
-    x, _ = blobs(64, 0).batch(torch.arange(64))
+    x, _ = blobs(64, 0, steps=30).batch(torch.arange(64))
     layer = recurrent_layer()
     with torch.no_grad():
         if start == "saturated by W":

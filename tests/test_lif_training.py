@@ -9,12 +9,15 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from test_training import _small, _tiny_data
+from test_training import _small, _tiny_data, _write_shd
 from ztriton.cli import main
-from ztriton.train import PRESETS, SNN, Config, train
+from ztriton.train import PRESETS, SNN, Config, load_data, train
 
 LIF_FLAGS = ["--recurrent", "--reset", "zero", "--learn-beta", "--learn-threshold"]
-TINY = ["--steps", "20", "--batch-size", "120", "--compare-every", "0", "--no-progress", "--lr", "0.005"]
+# --init paper: the tiny data fire these small layers already (init auto on recurrent layers: test_init
+# and the resume test below)
+TINY = ["--steps", "20", "--batch-size", "120", "--init", "paper", "--compare-every", "0", "--no-progress",
+        "--lr", "0.005"]
 
 
 def test_the_lif_family_resolves_from_options_and_presets():
@@ -27,6 +30,16 @@ def test_the_lif_family_resolves_from_options_and_presets():
     assert Config(dataset="shd-recurrent", recurrent=False, hidden=[64, 32]).resolved().recurrent is False
     chosen = Config(recurrent=True, reset="zero", learn_beta=True, learn_threshold=True, hidden=[8]).resolved()
     assert Config(**json.loads(json.dumps(asdict(chosen)))).resolved() == chosen  # config.json round trip
+
+
+def test_the_shd_recurrent_preset_reads_shd(tmp_path):
+    samples = [([0.0005, 0.0031], [3, 699], 7), ([0.019], [0], 19)]
+    _write_shd(tmp_path, "train", samples)
+    _write_shd(tmp_path, "test", samples[:1])
+    train_set, test_set = load_data(Config(dataset="shd-recurrent", data_dir=str(tmp_path), steps=10).resolved())
+    assert (len(train_set), len(test_set), train_set.inputs) == (2, 1, 700)
+    x, y = train_set.batch(torch.tensor([0, 1]))
+    assert y.tolist() == [7, 19] and torch.nonzero(x.to_dense()).tolist() == [[0, 0, 3], [1, 0, 699], [9, 1, 0]]
 
 
 @pytest.mark.parametrize(
@@ -82,7 +95,7 @@ def test_resume_rebuilds_the_recurrent_learnable_model(tmp_path, monkeypatch, ca
     uninterrupted run; a resumed run refuses another LIF-family option."""
     monkeypatch.setattr("ztriton.train.load_data", _tiny_data)
     cfg = _small(lr=5e-3, schedule="constant", recurrent=True, reset="zero", learn_beta=True, learn_threshold=True)
-    cfg.compare_every = 0
+    cfg.compare_every, cfg.hidden, cfg.steps = 0, [16], 20
     train(cfg, tmp_path / "full", progress=False)
     cfg.epochs = 1
     train(cfg, tmp_path / "part", progress=False)
@@ -90,6 +103,7 @@ def test_resume_rebuilds_the_recurrent_learnable_model(tmp_path, monkeypatch, ca
     full, part = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("full", "part"))
     assert {"hidden.0.recurrent_weight", "hidden.0.beta_logit", "hidden.0.threshold", "readout.beta_logit"} <= set(part)
     assert full.keys() == part.keys() and all(torch.equal(full[name], part[name]) for name in full)
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["init_gains"]  # init auto ran
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "part"), "--epochs", "3", "--no-recurrent"]) == 2
     assert "--no-recurrent False conflicts with the resumed run's recurrent=True" in capsys.readouterr().err

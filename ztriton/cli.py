@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .data import DataError
+from .layers import RESETS
 from .train import PRESETS, Config, Interrupted, train
 
 #: flags that may differ from the run's configuration on --resume
@@ -25,7 +26,7 @@ def _add_lif_family(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recurrent", action=argparse.BooleanOptionalAction, default=None,
                         help="hidden layers with a recurrent weight on their own previous spikes "
                              "(None: the dataset preset; on for shd-recurrent, else off)")
-    parser.add_argument("--reset", choices=["subtract", "zero"], default=None,
+    parser.add_argument("--reset", choices=list(RESETS), default=None,
                         help="membrane reset after a spike: subtract the threshold, or to zero (None: subtract)")
     parser.add_argument("--learn-beta", action="store_true", default=None,
                         help="learn the leak: one per hidden layer and one for the readout")

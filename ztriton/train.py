@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ._checks import positive_int
 from .data import DataError, EventDataset, SpikeTimeDataset, load_fmnist, load_mnist5k, load_nmnist, load_shd
 from .functional import spike_count
-from .layers import LeakyReadout, SparseLIFLinear
+from .layers import RESETS, LeakyReadout, SparseLIFLinear
 
 PRESETS = {
     # T, beta, readout beta, readout over time, lr, batch, LocalZO delta, init law and its gain on the
@@ -52,8 +52,6 @@ PRESETS["shd-recurrent"] = dict(PRESETS["shd"], data="shd", hidden=[200], recurr
 
 #: hidden layer sizes where neither --hidden nor the preset gives them
 DEFAULT_HIDDEN = [200, 200]
-#: the membrane resets of the hidden layers (SparseLIFLinear's `reset`)
-RESETS = ("subtract", "zero")
 
 
 #: learning-rate schedules over the whole run: constant, or cosine decay to 0 (per step)
