@@ -80,7 +80,7 @@ def test_auto_init_learns_where_the_paper_init_stays_at_chance(tmp_path, monkeyp
     assert '"init": "auto"' in saved and '"init_gains": [' in saved
 
 
-@pytest.mark.parametrize("dataset", ["fmnist", "nmnist", "shd", "mnist5k"])
+@pytest.mark.parametrize("dataset", ["fmnist", "nmnist", "shd", "shd-recurrent", "mnist5k"])
 def test_paper_init_is_the_presets_formula(dataset):
     cfg = Config(dataset=dataset, hidden=[64, 48], init="paper").resolved()
     preset = PRESETS[dataset]
@@ -96,6 +96,37 @@ def test_paper_init_is_the_presets_formula(dataset):
         else:
             std = gain * 10 * (1 - preset["beta"]) / math.sqrt(fan_in)
             assert abs(float(layer.weight.detach().std()) / std - 1) < 0.05
+
+
+def recurrent_layer(seed=0):
+    torch.manual_seed(seed)
+    layer = SparseLIFLinear(120, 40, beta=math.exp(-0.1), recurrent=True)
+    with torch.no_grad():  # the paper's init of W (silent on the blobs); V keeps the layer's own
+        layer.weight.uniform_(-1 / math.sqrt(120), 1 / math.sqrt(120))
+    return layer
+
+
+@pytest.mark.parametrize("start", ["silent", "saturated by W", "saturated by V"])
+def test_recurrent_layers_are_brought_into_the_band(start):
+    """W takes the gain g, V takes min(g, 1): a silent layer is scaled up with V at its init, a
+    saturated one is scaled down, V with it."""
+    x, _ = blobs(64, 0, steps=30).batch(torch.arange(64))
+    layer = recurrent_layer()
+    with torch.no_grad():
+        if start == "saturated by W":
+            layer.weight.mul_(30)
+        if start == "saturated by V":  # every spike excites every neuron: the loop keeps itself firing
+            layer.weight.mul_(8)
+            layer.recurrent_weight.abs_().mul_(10)
+        rate = float(layer(x).mean())
+    assert rate == 0.0 if start == "silent" else rate > 5 * BAND[1]
+    weight, recurrent = layer.weight.clone(), layer.recurrent_weight.clone()
+    (gain,) = scale_to_activity([layer], x)
+    with torch.no_grad():
+        assert BAND[0] <= float(layer(x).mean()) <= BAND[1]
+    assert (gain > 1) == (start == "silent")
+    torch.testing.assert_close(layer.weight, weight * gain)
+    torch.testing.assert_close(layer.recurrent_weight, recurrent * min(gain, 1.0))
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,26 @@ from dataclasses import fields
 from pathlib import Path
 
 from .data import DataError
+from .layers import RESETS
 from .train import PRESETS, Config, Interrupted, train
 
 #: flags that may differ from the run's configuration on --resume
 RESUME_MAY_CHANGE = {"epochs", "resume", "no_progress"}
+#: the LIF-family options, shared by train and compare (Config fields of the same names)
+LIF_FAMILY = ("recurrent", "reset", "learn_beta", "learn_threshold")
+
+
+def _add_lif_family(parser: argparse.ArgumentParser) -> None:
+    """--recurrent / --no-recurrent, --reset, --learn-beta and --learn-threshold."""
+    parser.add_argument("--recurrent", action=argparse.BooleanOptionalAction, default=None,
+                        help="hidden layers with a recurrent weight on their own previous spikes "
+                             "(None: the dataset preset; on for shd-recurrent, else off)")
+    parser.add_argument("--reset", choices=list(RESETS), default=None,
+                        help="membrane reset after a spike: subtract the threshold, or to zero (None: subtract)")
+    parser.add_argument("--learn-beta", action="store_true", default=None,
+                        help="learn the leak: one per hidden layer and one for the readout")
+    parser.add_argument("--learn-threshold", action="store_true", default=None,
+                        help="learn every hidden neuron's threshold")
 
 
 def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
@@ -92,8 +108,9 @@ def _compare(args) -> int:
     out = Path(args.out or f"runs/compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists():
         raise DataError(f"--out {out} exists already; choose another folder (nothing was written)")
+    lif_family = {name: getattr(args, name) for name in LIF_FAMILY if getattr(args, name) is not None}
     cfg = Config(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed,
-                 backend=args.backend)
+                 backend=args.backend, **lif_family)
     compare(cfg, args.seeds, out, progress=not args.no_progress)
     print((out / "table.md").read_text(), end="")
     print(f"written to {out / 'table.json'} and {out / 'table.md'}")
@@ -156,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     t.add_argument("--backend", choices=["auto", "torch", "native", "triton"], default="auto",
                    help="kernels: auto = Triton on CUDA, native (numba) on CPU, else torch")
-    t.add_argument("--hidden", type=int, nargs="+", default=[200, 200], help="hidden layer sizes")
+    t.add_argument("--hidden", type=int, nargs="+", default=None,
+                   help="hidden layer sizes (None: the dataset preset; 200 for shd-recurrent, else 200 200)")
+    _add_lif_family(t)
     t.add_argument("--steps", type=int, default=None, help="time steps T (None: the dataset preset)")
     t.add_argument("--compare-every", type=int, default=200,
                    help="time the sparse against the dense path every K steps (0: never)")
@@ -172,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--seed", type=int, default=0, help="first seed")
     k.add_argument("--epochs", type=int, default=20, help="epochs per run")
     k.add_argument("--backend", choices=["auto", "torch", "native", "triton"], default="auto", help="kernels")
+    _add_lif_family(k)
     k.add_argument("--out", default=None, help="folder for the runs and the table (None: runs/compare-<dataset>-<time>)")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
     c = sub.add_parser("calibrate", help="measure the dense/sparse crossover of this device for path='auto'",

@@ -6,7 +6,8 @@ LocalZO's (eq. 21, as the paper does) and LocalZO (normal, m 1). Columns: held-o
 and standard deviation over seeds), the backward and overall speedup of the row's own path over
 the engine's dense path on the same weights and batch (logged during training; 1.0 for the
 surrogate, whose every entry is active), the active fraction, and the step time of a plain autograd
-BPTT of the same network over the row's mean step time.
+BPTT of the same network over the row's mean step time. Every run trains the configured network:
+its hidden sizes, recurrence, reset and learnable leak and threshold (`network`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,21 @@ from torch import nn
 from .train import Config, load_data, train
 
 METHODS = ("surrogate", "sparsegrad", "localzo")
+#: the Config fields that make the network every method trains
+NETWORK = ("hidden", "recurrent", "reset", "learn_beta", "learn_threshold")
+
+
+def network(cfg: Config) -> str:
+    """The network in words, e.g. "hidden 200r-200r, reset zero, learned leak": sizes (r: recurrent),
+    then what differs from a fixed-leak, fixed-threshold, subtractive-reset LIF."""
+    words = ["hidden " + "-".join(f"{size}{'r' if cfg.recurrent else ''}" for size in cfg.hidden)]
+    if cfg.reset != "subtract":
+        words.append(f"reset {cfg.reset}")
+    if cfg.learn_beta:
+        words.append("learned leak")
+    if cfg.learn_threshold:
+        words.append("learned threshold")
+    return ", ".join(words)
 
 
 def bptt_step_seconds(cfg: Config, train_data, repeats: int = 3) -> float:
@@ -81,6 +97,7 @@ def compare(base: Config, seeds: int, out: Path, progress: bool = False) -> list
             "speedup_vs_bptt": bptt_s / mean_step,
         })
     (out / "table.json").write_text(json.dumps({"dataset": base.dataset, "seeds": seeds, "epochs": base.epochs,
+                                                "network": {name: getattr(base, name) for name in NETWORK},
                                                 "bptt_step_s": bptt_s, "rows": rows}, indent=2))
     (out / "table.md").write_text(markdown(rows, base, seeds))
     return rows
@@ -90,7 +107,8 @@ def markdown(rows: list[dict], cfg: Config, seeds: int) -> str:
     def ratio(value):
         return "-" if value is None else f"{value:.2f}x"
 
-    lines = [f"{cfg.dataset}, {cfg.epochs} epochs, {seeds} seeds, delta {cfg.delta}, {cfg.dist} (m {cfg.m})", "",
+    lines = [f"{cfg.dataset}, {network(cfg)}, {cfg.epochs} epochs, {seeds} seeds, delta {cfg.delta}, "
+             f"{cfg.dist} (m {cfg.m})", "",
              "| method | test accuracy % | backward x dense | overall x dense | active % | step x BPTT |",
              "|---|---|---|---|---|---|"]
     for row in rows:

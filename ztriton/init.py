@@ -11,6 +11,13 @@ The default band, 0.5 %-2 % of (time step, sample, neuron) entries, is the activ
 trained mnist5k runs (its hidden layers fire on 0.5 % and 1.6 % of entries with the preset's
 hand-picked gain, which makes them train), and lies where LocalZO's active entries are a fraction
 of a percent at delta 0.05-0.1.
+
+A recurrent layer's gain g multiplies its input weights W; its recurrent weights V take min(g, 1).
+Scaled up with W, V would multiply the loop's gain too: past a point the layer's own spikes keep
+it firing whatever the input, a saturated or runaway start. Held at its init (uniform
++-1/sqrt(out), a loop gain below 1), V adds a modest term to a rate that W sets. Scaled down with W,
+V cannot hold a layer above the band when it is V that saturates it. Neither factor falls as g
+grows, so the search over g works as for a feed-forward layer.
 """
 
 from __future__ import annotations
@@ -32,14 +39,24 @@ GAIN_LIMIT = 1e4
 CLOSE = 1.2
 
 
-def _firing_rate(layer: SparseLIFLinear, base: torch.Tensor, gain: float, x: torch.Tensor) -> float:
-    layer.weight.copy_(base * gain)
+def _set_gain(layer: SparseLIFLinear, weight: torch.Tensor, recurrent_weight: torch.Tensor | None,
+              gain: float) -> None:
+    """W = gain * weight and, for a recurrent layer, V = min(gain, 1) * recurrent_weight."""
+    layer.weight.copy_(weight * gain)
+    if recurrent_weight is not None:
+        layer.recurrent_weight.copy_(recurrent_weight * min(gain, 1.0))
+
+
+def _firing_rate(layer: SparseLIFLinear, weight: torch.Tensor, recurrent_weight: torch.Tensor | None,
+                 gain: float, x: torch.Tensor) -> float:
+    _set_gain(layer, weight, recurrent_weight, gain)
     return float(layer(x).mean())
 
 
 def scale_to_activity(layers: Sequence[SparseLIFLinear], x: torch.Tensor, band: tuple[float, float] = BAND,
                       max_steps: int = 40) -> list[float]:
-    """Multiply each layer's weights by the gain that makes it fire at a rate inside `band` on `x`.
+    """Multiply each layer's weights by the gain that makes it fire at a rate inside `band` on `x`
+    (a recurrent layer's recurrent weights by min(gain, 1), see the module's docstring).
 
     `layers` are applied in order (a stack: each takes the previous one's spikes; `x` feeds the
     first). Inference forwards only (no LocalZO draw, the RNG is untouched), at most `max_steps`
@@ -64,8 +81,9 @@ def scale_to_activity(layers: Sequence[SparseLIFLinear], x: torch.Tensor, band: 
     with torch.no_grad():
         for number, layer in enumerate(layers, 1):
             base = layer.weight.detach().clone()
+            recurrent_base = None if layer.recurrent_weight is None else layer.recurrent_weight.detach().clone()
             lo, hi = math.log(1.0 / GAIN_LIMIT), math.log(GAIN_LIMIT)  # bracket of log gain
-            log_gain, rate = 0.0, _firing_rate(layer, base, 1.0, h)
+            log_gain, rate = 0.0, _firing_rate(layer, base, recurrent_base, 1.0, h)
             for _ in range(max_steps):
                 if low <= rate <= high and abs(math.log(max(rate, 1e-12) / target)) <= math.log(CLOSE):
                     break
@@ -74,9 +92,9 @@ def scale_to_activity(layers: Sequence[SparseLIFLinear], x: torch.Tensor, band: 
                 else:
                     hi = log_gain
                 log_gain = 0.5 * (lo + hi)
-                rate = _firing_rate(layer, base, math.exp(log_gain), h)
+                rate = _firing_rate(layer, base, recurrent_base, math.exp(log_gain), h)
             if not low <= rate <= high:
-                layer.weight.copy_(base)
+                _set_gain(layer, base, recurrent_base, 1.0)
                 raise ValueError(
                     f"layer {number} ({layer!r}) fires at {100 * rate:.3g} % for the closest gain found, outside "
                     f"the band {100 * low:g}-{100 * high:g} %: no gain in [1e-4, 1e4] reaches it on this batch")

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ._checks import positive_int
 from .data import DataError, EventDataset, SpikeTimeDataset, load_fmnist, load_mnist5k, load_nmnist, load_shd
 from .functional import spike_count
-from .layers import LeakyReadout, SparseLIFLinear
+from .layers import RESETS, LeakyReadout, SparseLIFLinear
 
 PRESETS = {
     # T, beta, readout beta, readout over time, lr, batch, LocalZO delta, init law and its gain on the
@@ -44,6 +44,14 @@ PRESETS = {
     "shd": dict(steps=500, dt_ms=2.0, beta=math.exp(-0.2), readout_beta=math.exp(-0.1), readout="sum",
                 lr=1e-3, batch_size=256, delta=0.05, init="uniform", init_gain=1.0, f_up=10.0),
 }
+# SHD with one recurrent hidden layer of 200 LIF neurons: the network of the SHD tutorial of the SHD
+# authors' group (SpyTorch tutorial 4, 700-200r-20); time grid, leaks, readout, optimizer and
+# regulariser are the shd preset's. Its extra keys: the data set it reads and the defaults of
+# --hidden and --recurrent.
+PRESETS["shd-recurrent"] = dict(PRESETS["shd"], data="shd", hidden=[200], recurrent=True)
+
+#: hidden layer sizes where neither --hidden nor the preset gives them
+DEFAULT_HIDDEN = [200, 200]
 
 
 #: learning-rate schedules over the whole run: constant, or cosine decay to 0 (per step)
@@ -77,7 +85,11 @@ class Config:
     backend: str = "auto"
     init: str = "auto"
     init_gains: list | None = None
-    hidden: list = field(default_factory=lambda: [200, 200])
+    hidden: list | None = None
+    recurrent: bool | None = None
+    reset: str | None = None
+    learn_beta: bool = False
+    learn_threshold: bool = False
     steps: int | None = None
     compare_every: int = 200
     lambda_up: float = 0.06
@@ -101,6 +113,17 @@ class Config:
         if out.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {out.schedule!r}")
         out.f_up = preset.get("f_up", 1.0) if self.f_up is None else self.f_up
+        hidden = preset.get("hidden", DEFAULT_HIDDEN) if self.hidden is None else self.hidden
+        if not isinstance(hidden, (list, tuple)):
+            raise TypeError(f"hidden must be a list of layer sizes, got {hidden!r}")
+        out.hidden = list(hidden)
+        out.recurrent = preset.get("recurrent", False) if self.recurrent is None else self.recurrent
+        out.reset = preset.get("reset", "subtract") if self.reset is None else self.reset
+        for name in ("recurrent", "learn_beta", "learn_threshold"):
+            if not isinstance(getattr(out, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(out, name)!r}")
+        if out.reset not in RESETS:
+            raise ValueError(f"reset must be one of {list(RESETS)}, got {out.reset!r}")
         for name in ("epochs", "batch_size", "steps"):
             positive_int(name, getattr(out, name))
         if isinstance(out.seed, bool) or not isinstance(out.seed, int) or out.seed < 0:
@@ -119,7 +142,12 @@ class Config:
 
 
 class SNN(nn.Module):
-    """Hidden SparseLIFLinear layers and a LeakyReadout; returns logits (B, classes) and hidden spikes."""
+    """Hidden SparseLIFLinear layers and a LeakyReadout; returns logits (B, classes) and hidden spikes.
+
+    The hidden layers take the configuration's recurrence, reset and learnable leak and threshold,
+    the readout its learnable leak. The preset's init law draws the feed-forward weights; a
+    recurrent weight keeps the layer's own init (uniform +-1/sqrt(out), as nn.Linear).
+    """
 
     def __init__(self, inputs: int, classes: int, cfg: Config):
         super().__init__()
@@ -127,12 +155,14 @@ class SNN(nn.Module):
         sizes = [inputs] + list(cfg.hidden)
         self.hidden = nn.ModuleList(
             SparseLIFLinear(
-                a, b, beta=preset["beta"], grad=cfg.grad, dist=cfg.dist, delta=cfg.delta, m=cfg.m,
+                a, b, beta=preset["beta"], recurrent=cfg.recurrent, reset=cfg.reset, learn_beta=cfg.learn_beta,
+                learn_threshold=cfg.learn_threshold, grad=cfg.grad, dist=cfg.dist, delta=cfg.delta, m=cfg.m,
                 bth=cfg.bth, path=cfg.path, backend=cfg.backend,
             )
             for a, b in zip(sizes[:-1], sizes[1:])
         )
-        self.readout = LeakyReadout(sizes[-1], classes, beta=preset["readout_beta"], backend=cfg.backend)
+        self.readout = LeakyReadout(sizes[-1], classes, beta=preset["readout_beta"], learn_beta=cfg.learn_beta,
+                                    backend=cfg.backend)
         self.reduce = preset["readout"]
         for layer in list(self.hidden) + [self.readout]:
             fan_in = layer.weight.shape[1]
@@ -215,15 +245,16 @@ def spike_regulariser(spikes, cfg: Config) -> torch.Tensor:
 
 
 def load_data(cfg: Config):
-    """(train, test) datasets of the configured dataset."""
-    if cfg.dataset == "mnist5k":
+    """(train, test) datasets of the configured preset (its "data" key, else its name)."""
+    preset = PRESETS[cfg.dataset]
+    data = preset.get("data", cfg.dataset)
+    if data == "mnist5k":
         return load_mnist5k(cfg.steps)
-    if cfg.dataset == "fmnist":
+    if data == "fmnist":
         return load_fmnist(Path(cfg.data_dir), cfg.steps)
-    dt_ms = PRESETS[cfg.dataset]["dt_ms"]
-    if cfg.dataset == "shd":
-        return load_shd(Path(cfg.data_dir), cfg.steps, dt_ms, download=cfg.download)
-    return load_nmnist(Path(cfg.data_dir), cfg.steps, dt_ms, download=cfg.download)
+    if data == "shd":
+        return load_shd(Path(cfg.data_dir), cfg.steps, preset["dt_ms"], download=cfg.download)
+    return load_nmnist(Path(cfg.data_dir), cfg.steps, preset["dt_ms"], download=cfg.download)
 
 
 def _timed_step(model, x, y, cfg):
@@ -378,7 +409,9 @@ def backward_synops(model: SNN) -> tuple[int, int]:
     """(dense, sparse) multiply-adds of the last backward's weight and input gradients.
 
     Dense: every (t, b, i) entry times fan-in for dW and, above the first layer, times fan-out for
-    dx. Sparse: the active entries times fan-in, and the upstream active entries times fan-out.
+    dx. Sparse: the active entries times fan-in, and the upstream active entries times fan-out. A
+    recurrent layer adds, per entry (dense) or per active entry (sparse), its width twice: the
+    recurrent term V^T delta of its own error and the gradient of V.
     """
     dense = sparse = 0
     previous_nnz = None
@@ -387,6 +420,9 @@ def backward_synops(model: SNN) -> tuple[int, int]:
         nnz = round((layer.stats["active_fraction"] or 0.0) * grid)
         dense += grid * layer.in_features * (1 if previous_nnz is None else 2)
         sparse += nnz * layer.in_features + (0 if previous_nnz is None else previous_nnz * layer.out_features)
+        if layer.recurrent:
+            dense += 2 * grid * layer.out_features
+            sparse += 2 * nnz * layer.out_features
         previous_nnz = nnz
     return dense, sparse
 
@@ -514,9 +550,9 @@ def _restore(run: _Run) -> None:
     cfg, procs, path = run.cfg, run.procs, run.checkpoint_path
     state = torch.load(path, weights_only=False, map_location=run.device)
     ignore = {"epochs", "init_gains"}  # a resumed run may go on longer; its gains are the checkpoint's
-    if {k: v for k, v in state["config"].items() if k not in ignore} != {
-        k: v for k, v in asdict(cfg).items() if k not in ignore
-    }:
+    # resolved again: a checkpoint from before an option existed holds that option's default
+    saved = asdict(Config(**state["config"]).resolved())
+    if {k: v for k, v in saved.items() if k not in ignore} != {k: v for k, v in asdict(cfg).items() if k not in ignore}:
         raise ValueError(f"{path} was written with another configuration; refusing to resume")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
