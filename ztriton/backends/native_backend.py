@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import native
-from ..events import Events, cache_events, dense, events_of, row_pointer
+from ..events import Events, cache_events, dense, events_of
 from ..distributions import KERNEL_LAWS, get_distribution, kernel_law, kernel_law_refusal
 from ..functional import candidate_threshold
 from ..rng import PhiloxKey
@@ -43,7 +43,11 @@ def _numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _row_pointer(rows: torch.Tensor, count: int) -> np.ndarray:
-    return row_pointer(rows, count).numpy()
+    """`events.row_pointer` by numpy's serial bincount: torch's parallel one was seen to take 24 ms
+    instead of 0.1 ms (77k rows) on a loaded 2-core machine."""
+    ptr = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows.numpy(), minlength=count), out=ptr[1:])
+    return ptr
 
 
 def _np_dtype(dtype: torch.dtype):
