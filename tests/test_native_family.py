@@ -1,6 +1,6 @@
 """The native (numba) LIF family ops (DESIGN.md section 9) against the torch reference ops.
 
-`lif_family_forward` and `lif_adjoint` of `backends.native_backend` and `backends.lif_family` on
+`lif_family_forward`, `lif_adjoint` and `lif_adjoint_grid` of `backends.native_backend` and `backends.lif_family` on
 the same arguments: float64 to 1e-12, float32 to rounding (the active sets and spikes are compared
 exactly here; the sizes are small enough that no entry lies within float32 rounding of a
 threshold), every variant, SparseGrad and LocalZO (the same draws by the RNG contract: the same
@@ -117,6 +117,20 @@ def test_native_adjoint_equals_torch(recurrent, reset, dtype):
             if ours is not None:
                 assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
                 torch.testing.assert_close(ours, theirs, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("recurrent,reset", [(False, "zero"), (True, "subtract"), (True, "zero")])
+def test_native_adjoint_grid_equals_torch(recurrent, reset, dtype):
+    x, weight, bias, rec, theta = problem(dtype, recurrent, 0.3)
+    forward = reference.lif_family_forward(x, weight, bias, rec, theta, config("sparsegrad", reset, False, False), True,
+                                           None, Workspace())
+    g = forward.active.dense().to(dtype)
+    ext = torch.randn(g.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    args = (ext, g, 0.85, forward.spikes if reset == "zero" else None, rec)
+    for ours, theirs in zip(native_backend.lif_adjoint_grid(*args), reference.lif_adjoint_grid(*args)):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, **TOLERANCE[dtype])
 
 
 def recurrent_layer(backend, dtype, grad="sparsegrad", seed=0):

@@ -477,6 +477,34 @@ if AVAILABLE:
                     for n in range(width):
                         grid[t, b, n] = delta[n]
 
+    @jit
+    def _adjoint_grid_rows(b_lo, b_hi, ext, g, beta, rec_table, recurrent, reset_spikes, zero_reset, delta,
+                           ds):  # pragma: no cover - compiled
+        """`_adjoint_rows` on the full (T, B, N) grids (the dense path) for batch rows b_lo..b_hi-1:
+        ds = g (ext + rec_table[j] . delta[t+1]), the recurrent term only where g != 0, and
+        delta[t] = ds[t] + a[t+1] delta[t+1]."""
+        steps, _, width = ext.shape
+        zero = beta * 0
+        one = zero + 1
+        for b in range(b_lo, b_hi):
+            for t in range(steps - 1, -1, -1):
+                later = t + 1 < steps
+                for j in range(width):
+                    e = ext[t, b, j]
+                    if recurrent and later and g[t, b, j] != zero:
+                        dot = zero
+                        for n in range(width):
+                            dot += rec_table[j, n] * delta[t + 1, b, n]
+                        e += dot
+                    ds[t, b, j] = g[t, b, j] * e
+                for n in range(width):
+                    leak = zero
+                    if later:
+                        leak = delta[t + 1, b, n] * beta
+                        if zero_reset:
+                            leak *= one - reset_spikes[t, b, n]
+                    delta[t, b, n] = ds[t, b, n] + leak
+
 
 #: the pool the calls' blocks run on, (workers, pool), and the lock held while it is replaced or
 #: given a call's blocks (so no call submits to a pool that was shut down)

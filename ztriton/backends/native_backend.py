@@ -13,7 +13,7 @@ gradient walks each row's reverse-time filter and evaluates it at the upstream t
 The LIF family (DESIGN.md section 9): the forward adds each row's recurrent current from its own
 spikes of the step before and records the forward traces at the kept entries; `lif_adjoint` walks
 each row's delta from t = T-1 down, the recurrent term at the active entries only
-(`lif_adjoint_grid`, the dense path, runs on torch).
+(`lif_adjoint_grid`, the dense path, walks the full grid, the recurrent term where g != 0).
 """
 
 from __future__ import annotations
@@ -346,6 +346,22 @@ def lif_adjoint(ext, active: ActiveSet, beta: float, reset_spikes, recurrent_wei
             torch.from_numpy(grid) if full_grid else None)
 
 
+@register("lif_adjoint_grid", "native")
+def lif_adjoint_grid(ext, g, beta: float, reset_spikes, recurrent_weight):
+    """The torch op's (delta, ds) on the full grid (the dense path): one reverse walk per batch row
+    (`native._adjoint_grid_rows`), the recurrent term only where g != 0."""
+    dtype = ext.dtype
+    np_dtype = _np_dtype(dtype)
+    recurrent = recurrent_weight is not None
+    rec_table = _numpy(recurrent_weight.t(), dtype) if recurrent else np.zeros((1, 1), dtype=np_dtype)
+    spikes = _numpy(reset_spikes, dtype) if reset_spikes is not None else np.zeros((1, 1, 1), dtype=np_dtype)
+    delta = np.empty(tuple(ext.shape), dtype=np_dtype)
+    ds = np.empty_like(delta)
+    native.run_kernel(native._adjoint_grid_rows, ext.shape[1], _numpy(ext, dtype), _numpy(g, dtype),
+                      _scalar(beta, dtype), rec_table, recurrent, spikes, reset_spikes is not None, delta, ds)
+    return torch.from_numpy(delta), torch.from_numpy(ds)
+
+
 class NativeBackend:
     """numba kernels on CPU for float32 and float64 layers (see the module docstring)."""
 
@@ -376,6 +392,7 @@ def warm_up(dtype: torch.dtype) -> None:
     out = lif_family_forward(x, weight, None, weight, torch.full((2,), 0.5, dtype=dtype), family, True, PhiloxKey(1, 0),
                              Workspace())
     lif_adjoint(ds, active, 0.9, out.spikes, weight, weight, active, True, Workspace())
+    lif_adjoint_grid(x, x, 0.9, out.spikes, weight)
 
 
 native.register_warm_up(warm_up)
