@@ -121,6 +121,10 @@ def test_family_equals_autograd_bptt(recurrent, reset, learn_beta, learn_thresho
     layer = make_layer(recurrent, reset, learn_beta, learn_threshold, grad=grad, path=path, backend=backend, bias=bias)
     check_against_oracle(layer, inputs(13, 3, 7), sparse_input=(reset == "zero" and learn_threshold))
     assert layer.stats["path"] == path
+    if backend == "native":  # the native family ops ran (its forward declines the surrogate rule's dense g)
+        ops = layer.stats["ops"]
+        assert ops["forward"] == ("torch" if grad == "surrogate" else "native")
+        assert ops.get("adjoint", "native") == "native"  # the walk, sparse or on the whole grid (dense path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

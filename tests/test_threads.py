@@ -119,7 +119,7 @@ def test_one_layer_in_several_threads_gives_the_serial_results_in_training(backe
 
 
 @pytest.mark.skipif(not native.AVAILABLE, reason="numba is not installed")
-@pytest.mark.parametrize("kernel", ["_lif_rows", "_weight_grad_rows"])
+@pytest.mark.parametrize("kernel", ["_lif_rows", "_weight_grad_rows", "_family_rows", "_adjoint_rows"])
 def test_independent_layers_in_independent_threads_run_at_once(kernel, monkeypatch):
     """Every block of the kernel waits for a block of the other thread's layer (blocks run in their
     caller's thread with one torch thread): if the two calls could not be in flight together, the
@@ -132,7 +132,9 @@ def test_independent_layers_in_independent_threads_run_at_once(kernel, monkeypat
         return original(*args)
 
     torch.manual_seed(0)
-    layers = [SparseLIFLinear(50, 40, beta=0.9, delta=0.3, path="sparse", backend="native") for _ in range(2)]
+    recurrent = kernel in ("_family_rows", "_adjoint_rows")  # the LIF family's kernels
+    layers = [SparseLIFLinear(50, 40, beta=0.9, delta=0.3, path="sparse", backend="native", recurrent=recurrent)
+              for _ in range(2)]
     gen = torch.Generator().manual_seed(2)
     inputs = [(torch.rand(20, 16, 50, generator=gen) < 0.05).float() for _ in range(2)]
     assert len(native.block_ranges(16)) > 1
@@ -142,7 +144,7 @@ def test_independent_layers_in_independent_threads_run_at_once(kernel, monkeypat
 
     def call(i):
         assert torch.get_num_threads() == 1
-        if kernel == "_lif_rows":
+        if kernel in ("_lif_rows", "_family_rows"):
             with torch.no_grad():
                 return layers[i](inputs[i])
         x = inputs[i].clone().requires_grad_(True)

@@ -305,6 +305,206 @@ if AVAILABLE:
                 for c in range(lo, hi):
                     grid[t, c] += beta * grid[t - 1, c]
 
+    @jit
+    def _family_rows(b_lo, b_hi, t0, t1, batch, row_ptr, cols, values, table, current, use_current, bias,
+                     rec_table, recurrent, beta, theta, zero_reset, u_state, s_state, m_state, r_state, last_state,
+                     spikes, cand_threshold, cand_pos, cand_val, cand_count, row_counts, want_leak, want_reset,
+                     want_last, cand_leak, cand_reset, cand_last, spk_pos, spk_val, spk_count, spk_row_counts, draw,
+                     seed, offset, m, dist, dist_param, cdf, table_z, delta, scale, inverse):  # pragma: no cover - compiled
+        """The LIF family's forward (DESIGN.md section 9) for batch rows b_lo..b_hi-1, steps t0..t1-1.
+
+        State (u, s, the traces M and S, the last spike) is carried in the *_state arrays. The input
+        current comes as in `_lif_rows`; the recurrent one adds rec_table[k] = V[:, k] for every neuron k
+        that fired at t-1. Candidates are appended as in `_lif_rows`, with the traces wanted (M, S,
+        the neuron's last spike before t) at the same places.
+        """
+        n_out = table.shape[1]
+        acc = np.empty(n_out, dtype=u_state.dtype)
+        fired = np.empty(n_out, dtype=np.int64)
+        zero = beta * 0
+        one = zero + 1
+        for b in range(b_lo, b_hi):
+            n_fired = 0
+            for n in range(n_out):  # spikes of the step before t0
+                if s_state[b, n] > zero:
+                    fired[n_fired] = n
+                    n_fired += 1
+            for t in range(t0, t1):
+                if use_current:
+                    for n in range(n_out):
+                        acc[n] = current[t - t0, b, n]
+                else:
+                    acc[:] = zero
+                    r = t * batch + b
+                    for e in range(row_ptr[r], row_ptr[r + 1]):
+                        w = values[e]
+                        j = cols[e]
+                        for n in range(n_out):
+                            acc[n] += w * table[j, n]
+                for n in range(n_out):
+                    acc[n] += bias[n]
+                if recurrent:
+                    for f in range(n_fired):
+                        k = fired[f]
+                        for n in range(n_out):
+                            acc[n] += rec_table[k, n]
+                if want_leak:  # M[t] = a[t] M[t-1] + du[t]/dbeta
+                    for n in range(n_out):
+                        if zero_reset:
+                            keep = one - s_state[b, n]
+                            m_state[b, n] = beta * (m_state[b, n] * keep) + u_state[b, n] * keep
+                        else:
+                            m_state[b, n] = beta * m_state[b, n] + u_state[b, n]
+                if want_reset:  # S[t] = beta S[t-1] + s[t-1]
+                    for n in range(n_out):
+                        r_state[b, n] = beta * r_state[b, n] + s_state[b, n]
+                if want_last:
+                    for f in range(n_fired):
+                        last_state[b, fired[f]] = t - 1
+                for n in range(n_out):
+                    if zero_reset:
+                        u = beta * (u_state[b, n] * (one - s_state[b, n])) + acc[n]
+                    else:
+                        u = beta * u_state[b, n] + acc[n] - theta[n] * s_state[b, n]
+                    u_state[b, n] = u
+                    v = u - theta[n]
+                    s = one if v > zero else zero
+                    s_state[b, n] = s
+                    spikes[t, b, n] = s
+                    acc[n] = abs(v)
+                base = (t * batch + b) * n_out
+                found = 0
+                n_fired = 0
+                for n in range(n_out):
+                    if acc[n] < cand_threshold:
+                        value = acc[n]
+                        if draw:
+                            near = np.float32(acc[n])
+                            total = np.float32(0.0)
+                            for k in range(m):
+                                u1, u2 = _philox2(base + n, seed, offset, k)
+                                z = _abs_z(u1, u2, dist, dist_param, cdf, table_z)
+                                if near < delta * z:
+                                    total += np.float32(1.0) / z if inverse else z
+                            value = total * scale
+                        if value > 0 or not draw:
+                            c = cand_count[b]
+                            if c < cand_pos.shape[1]:
+                                cand_pos[b, c] = base + n
+                                cand_val[b, c] = value
+                                if want_leak:
+                                    cand_leak[b, c] = m_state[b, n]
+                                if want_reset:
+                                    cand_reset[b, c] = r_state[b, n]
+                                if want_last:
+                                    cand_last[b, c] = last_state[b, n]
+                            cand_count[b] = c + 1
+                            found += 1
+                    if s_state[b, n] > zero:
+                        fired[n_fired] = n
+                        n_fired += 1
+                        c = spk_count[b]
+                        if c < spk_pos.shape[1]:
+                            spk_pos[b, c] = base + n
+                            spk_val[b, c] = one
+                        spk_count[b] = c + 1
+                row_counts[t, b] = found
+                spk_row_counts[t, b] = n_fired
+
+    @jit
+    def _gather_sources(b_lo, b_hi, batch, row_offsets, cand_pos, cand_count, n_out, out_pos,
+                        out_source):  # pragma: no cover - compiled
+        """As `_gather_rows`, giving each entry's place b * capacity + c in the per-row lists instead of a value."""
+        stride = batch * n_out
+        capacity = cand_pos.shape[1]
+        for b in range(b_lo, b_hi):
+            c = 0
+            while c < cand_count[b]:
+                t = cand_pos[b, c] // stride
+                p = row_offsets[t * batch + b]
+                while c < cand_count[b] and cand_pos[b, c] // stride == t:
+                    out_pos[p] = cand_pos[b, c]
+                    out_source[p] = b * capacity + c
+                    p += 1
+                    c += 1
+
+    @jit
+    def _adjoint_rows(b_lo, b_hi, steps, batch, beta, act_ptr, act_neuron, ext, g, rec_table, recurrent,
+                      reset_spikes, zero_reset, table, tgt_ptr, tgt_input, full_grid, ds, out,
+                      grid):  # pragma: no cover - compiled
+        """The LIF family's reverse walk (DESIGN.md section 9) for batch rows b_lo..b_hi-1.
+
+        From t = T-1 down, delta holds delta[t+1]: at the active entries of (t, b),
+        ds = g (ext + rec_table[j] . delta) (rec_table[j] = V[:, j], recurrent); then
+        delta = a[t+1] delta + ds there; then out[k] = delta . table[i] (table[i] = W[:, i]) at the
+        targets of (t, b), and delta into grid[t, b] with full_grid.
+        """
+        width = table.shape[1]
+        delta = np.zeros(width, dtype=ds.dtype)
+        zero = beta * 0
+        one = zero + 1
+        for b in range(b_lo, b_hi):
+            last = _last_active_step(act_ptr, steps, batch, b)
+            delta[:] = zero
+            for t in range(steps - 1, -1, -1):
+                r = t * batch + b
+                if t <= last:
+                    for e in range(act_ptr[r], act_ptr[r + 1]):
+                        total = ext[e]
+                        if recurrent:
+                            j = act_neuron[e]
+                            dot = zero
+                            for n in range(width):
+                                dot += rec_table[j, n] * delta[n]
+                            total += dot
+                        ds[e] = g[e] * total
+                    if zero_reset:
+                        for n in range(width):
+                            delta[n] *= beta * (one - reset_spikes[t, b, n])
+                    else:
+                        for n in range(width):
+                            delta[n] *= beta
+                    for e in range(act_ptr[r], act_ptr[r + 1]):
+                        delta[act_neuron[e]] += ds[e]
+                for k in range(tgt_ptr[r], tgt_ptr[r + 1]):
+                    i = tgt_input[k]
+                    total = zero
+                    if t <= last:
+                        for n in range(width):
+                            total += delta[n] * table[i, n]
+                    out[k] = total
+                if full_grid:
+                    for n in range(width):
+                        grid[t, b, n] = delta[n]
+
+    @jit
+    def _adjoint_grid_rows(b_lo, b_hi, ext, g, beta, rec_table, recurrent, reset_spikes, zero_reset, delta,
+                           ds):  # pragma: no cover - compiled
+        """`_adjoint_rows` on the full (T, B, N) grids (the dense path) for batch rows b_lo..b_hi-1:
+        ds = g (ext + rec_table[j] . delta[t+1]), the recurrent term only where g != 0, and
+        delta[t] = ds[t] + a[t+1] delta[t+1]."""
+        steps, _, width = ext.shape
+        zero = beta * 0
+        one = zero + 1
+        for b in range(b_lo, b_hi):
+            for t in range(steps - 1, -1, -1):
+                later = t + 1 < steps
+                for j in range(width):
+                    e = ext[t, b, j]
+                    if recurrent and later and g[t, b, j] != zero:
+                        dot = zero
+                        for n in range(width):
+                            dot += rec_table[j, n] * delta[t + 1, b, n]
+                        e += dot
+                    ds[t, b, j] = g[t, b, j] * e
+                for n in range(width):
+                    leak = zero
+                    if later:
+                        leak = delta[t + 1, b, n] * beta
+                        if zero_reset:
+                            leak *= one - reset_spikes[t, b, n]
+                    delta[t, b, n] = ds[t, b, n] + leak
+
 
 #: the pool the calls' blocks run on, (workers, pool), and the lock held while it is replaced or
 #: given a call's blocks (so no call submits to a pool that was shut down)
