@@ -22,6 +22,7 @@ from ..distributions import KERNEL_LAWS, kernel_law, kernel_law_refusal
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from .base import LIFConfig, LIFForward, Workspace
+from .lif_family import FamilyForward, FamilyTraces
 from .registry import register
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,6 +101,46 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
         grad = out.values
     workspace.hints["active"] = out.index.numel() * 5 // 4 + 1024  # next call's buffer: this one + 25 %
     return LIFForward(out.spikes, None, ActiveSet(out.index, grad, out.spikes.shape))
+
+
+def _family_fits(x, weight, bias, recurrent_weight, *_) -> bool:
+    """The family kernel holds a recurrent row in one program: width up to its MAX_WIDTH (else torch)."""
+    from ..kernels.lif_family_forward import MAX_WIDTH
+
+    return recurrent_weight is None or weight.shape[0] <= MAX_WIDTH
+
+
+@register("lif_family_forward", "triton", accepts=_family_fits)
+def lif_family_forward(x, weight, bias, recurrent_weight, threshold, cfg: LIFConfig, needs_grad: bool,
+                       key: PhiloxKey | None, workspace: Workspace) -> FamilyForward:
+    """The torch op's result (`backends/lif_family.py`) from one launch of the family kernel
+    (`kernels/lif_family_forward.py`) after the feed-forward current (a GEMM or the event current)."""
+    from ..kernels import lif_family_forward as kernel
+
+    rule, zero_reset = cfg.rule, cfg.reset == "zero"
+    current = input_current(x, weight)
+    run = dict(recurrent_weight=recurrent_weight, zero_reset=zero_reset, bias=bias, spike_dtype=weight.dtype)
+    if not needs_grad:
+        out = kernel.lif_family_forward(current, threshold, cfg.beta, mode=kernel.SPIKES, **run)
+        return FamilyForward(out.spikes, None, None, FamilyTraces(None, None, None))
+    run.update(trace_leak=cfg.trace_leak, trace_reset=cfg.trace_reset)
+    if rule.grad == "surrogate":
+        out = kernel.lif_family_forward(current, threshold, cfg.beta, mode=kernel.MEMBRANE, **run)
+        g = rule.law.expected_grad(out.membrane, rule.delta)
+        return FamilyForward(out.spikes, g, None, FamilyTraces(out.leak, out.reset, None))
+    run.update(trace_last=zero_reset, capacity=workspace.hints.get("family_active"))
+    if rule.grad == "sparsegrad":
+        out = kernel.lif_family_forward(current, threshold, cfg.beta, mode=kernel.SPARSEGRAD, bth=rule.bth, **run)
+        grad = rule.law.expected_grad(out.values, rule.delta)
+    else:
+        out = kernel.lif_family_forward(
+            current, threshold, cfg.beta, mode=kernel.LOCALZO, delta=rule.delta, m=rule.m, seed=key.seed,
+            offset=key.offset, alpha=rule.law.alpha, c=rule.law.c, **sampler_args(rule.law, current.device), **run,
+        )
+        grad = out.values
+    workspace.hints["family_active"] = out.index.numel() * 5 // 4 + 1024  # next call's buffer: this one + 25 %
+    return FamilyForward(out.spikes, None, ActiveSet(out.index, grad, out.spikes.shape),
+                         FamilyTraces(out.leak, out.reset, out.last))
 
 
 @register("weight_grad", "triton")
