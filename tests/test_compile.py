@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from ztriton.kernels import (event_current, event_weight_grad, lif_family_forward, lif_forward, sparse_input_grad,
+    from ztriton.kernels import (event_current, event_weight_grad, lif_adjoint, lif_family_forward, lif_forward,
+                                 sparse_input_grad,
                                  sparse_weight_grad, time_filter)
 
     F = lif_forward
@@ -93,6 +94,14 @@ SCRIPT = textwrap.dedent('''
     variants.append(family(F.MEMBRANE, 1024, leak=True, reset=True))
     variants.append(family(F.SPIKES, 1024, recurrent=False, dtype="*fp16"))
     variants.append(family(F.LOCALZO, 256, dtype="*bf16"))
+    adjoint_sig = {"ext_ptr": "*fp32", "grad_ptr": "*fp32", "index_ptr": "*i64", "bounds_ptr": "*i64",
+                   "rec_t_ptr": "*fp32", "spikes_ptr": "*fp32", "ds_ptr": "*fp32", "grid_ptr": "*fp32",
+                   "batch": "i32", "n_out": "i32", "steps": "i32", "beta": "fp32"}
+    for block, recurrent, zero, grid, spikes in ((K.MAX_WIDTH, True, True, True, "*fp32"), (64, True, False, False, "*fp32"),
+                                                 (1024, False, True, True, "*fp16")):
+        variants.append((lif_adjoint.lif_adjoint_kernel, dict(adjoint_sig, spikes_ptr=spikes),
+                         dict(RECURRENT=recurrent, ZERO_RESET=zero, STORE_GRID=grid, BLOCK_N=block,
+                              BLOCK_E=lif_adjoint.block_entries(block)), K.num_warps(block)))
     for arch in (80, 90):
         for fn, sig, const, *warps in variants:
             sig = dict(sig, **{name: "constexpr" for name in const})
@@ -108,5 +117,5 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    # 17 forward, 3 event current, 1 sampler, 6 filter, 7 gradient, 6 family forward
-    assert done.stdout.count("compiled") == 2 * 40
+    # 17 forward, 3 event current, 1 sampler, 6 filter, 7 gradient, 6 family forward, 3 family adjoint
+    assert done.stdout.count("compiled") == 2 * 43

@@ -24,6 +24,7 @@ from ztriton.backends.base import LIFConfig, SpikeRule, Workspace  # noqa: E402
 from ztriton.backends.registry import OPS, dispatch  # noqa: E402
 from ztriton.backends.triton_backend import TritonBackend  # noqa: E402
 from ztriton.rng import PhiloxKey  # noqa: E402
+from ztriton.sparse import ActiveSet  # noqa: E402
 
 if not TritonBackend.available(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32):
     pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -173,9 +174,8 @@ def test_wide_layers(monkeypatch):
 
 @pytest.mark.parametrize("reset", ["subtract", "zero"])
 def test_layer_reports_the_op_that_ran_and_trains_like_torch(reset, monkeypatch):
-    """SparseLIFLinear(recurrent=True) on the Triton backend: stats['ops'] names the Triton forward;
-    spikes and gradients match the torch backend's (the backward's adjoint is torch's op here). Wider
-    than MAX_WIDTH the forward op is torch's."""
+    """SparseLIFLinear(recurrent=True) on the Triton backend: stats['ops'] names the Triton forward and
+    adjoint; spikes and gradients match the torch backend's. Wider than MAX_WIDTH the forward op is torch's."""
     x = (torch.rand(6, 3, 10, generator=torch.Generator().manual_seed(8)) < 0.3).float().to(DEVICE)
     layers, outs, grads = {}, {}, {}
     for backend in ("torch", "triton"):
@@ -189,9 +189,51 @@ def test_layer_reports_the_op_that_ran_and_trains_like_torch(reset, monkeypatch)
         layers[backend], outs[backend] = layer, spikes
         grads[backend] = [p.grad for p in layer.parameters()]
     assert layers["triton"].stats["ops"]["forward"] == "triton"
+    assert layers["triton"].stats["ops"]["adjoint"] == "triton", layers["triton"].stats["ops"]
     assert 0 < outs["torch"].sum() and (outs["torch"] != outs["triton"]).float().mean().item() <= FLIP
     for one, two in zip(grads["torch"], grads["triton"]):
         torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(kernel, "MAX_WIDTH", 16)
     layers["triton"](x)
     assert layers["triton"].stats["ops"]["forward"] == "torch"
+
+
+def _adjoint_case(steps, batch, n_out, n_in, recurrent, zero, seed, density=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.nonzero((torch.rand(steps, batch, n_out, generator=gen) < density).view(-1)).squeeze(1)
+    active = ActiveSet(index.to(DEVICE), torch.rand(index.numel(), generator=gen).to(DEVICE), (steps, batch, n_out))
+    ext = torch.randn(index.numel(), generator=gen).to(DEVICE)
+    spikes = (torch.rand(steps, batch, n_out, generator=gen) < 0.2).float().to(DEVICE) if zero else None
+    recurrent_weight = torch.randn(n_out, n_out, generator=gen).to(DEVICE) if recurrent else None
+    weight = torch.randn(n_out, n_in, generator=gen).to(DEVICE)
+    upstream = torch.nonzero((torch.rand(steps, batch, n_in, generator=gen) < 0.3).view(-1)).squeeze(1).to(DEVICE)
+    targets = ActiveSet(upstream, torch.ones(upstream.numel(), device=DEVICE), (steps, batch, n_in))
+    return ext, active, spikes, recurrent_weight, weight, targets
+
+
+@pytest.mark.parametrize("recurrent,zero", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("shape", [(6, 3, 21), (1, 2, 5), (4, 2, 300)])
+def test_adjoint_matches_torch(recurrent, zero, shape):
+    """ds at the active entries, dL/dx at the upstream targets and the delta grid, against the torch op
+    (T 1, odd widths, a row of 300 over BLOCK_E 16 entries per tile)."""
+    ext, active, spikes, rec, weight, targets = _adjoint_case(*shape, 7, recurrent, zero, seed=sum(shape))
+    for use_targets, full in ((True, False), (False, True), (False, False)):
+        args = (ext, active, 0.8, spikes, rec, weight, targets if use_targets else None, full, Workspace())
+        ref = OPS["lif_adjoint", "torch"].run(*args)
+        out, ran = dispatch("lif_adjoint", "triton", *args)
+        assert ran == "triton"
+        # float32 sums of up to N terms in another order: 1e-4 relative
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-4)
+        for one, two in zip(ref[1:], out[1:]):
+            assert (one is None) == (two is None)
+            if one is not None:
+                torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-4)
+
+
+def test_adjoint_of_an_empty_set_and_above_the_width(monkeypatch):
+    ext, active, spikes, rec, weight, targets = _adjoint_case(3, 2, 9, 4, True, True, seed=1, density=0.0)
+    assert active.nnz == 0
+    out, ran = dispatch("lif_adjoint", "triton", ext, active, 0.8, spikes, rec, weight, targets, True, Workspace())
+    assert ran == "triton" and out[0].numel() == 0 and not out[2].any() and not out[1].any()
+    monkeypatch.setattr(kernel, "MAX_WIDTH", 8)
+    assert dispatch("lif_adjoint", "triton", ext, active, 0.8, spikes, rec, weight, targets, True, Workspace())[1] == "torch"

@@ -8,6 +8,14 @@ and bias gradient (for a batch of events over its events, D^T x; else CSR by neu
 trace rebuilt in-kernel from checkpoints) and the input gradient at the upstream active entries
 as kernels. Launches per layer do not depend on T or on the active
 count. Kernels are imported on first use, so this module imports without Triton.
+
+The LIF family (DESIGN.md section 9): `lif_family_forward` (kernels/lif_family_forward.py) and
+`lif_adjoint` (kernels/lif_adjoint.py) hold a whole batch row per program, since a recurrent row
+exchanges its spikes (forward) and its delta (backward) every step. Up to MAX_WIDTH = 2048 neurons
+(the widest block that compiles without register spills for sm_80/sm_90); a recurrent layer wider
+than that is declined (`accepts=`) and runs on the torch ops, which `stats["ops"]` then names. A
+feed-forward family layer of any width runs the forward kernel in several column blocks per row.
+`lif_adjoint_grid` (the dense path) stays on torch.
 """
 
 from __future__ import annotations
@@ -141,6 +149,27 @@ def lif_family_forward(x, weight, bias, recurrent_weight, threshold, cfg: LIFCon
     workspace.hints["family_active"] = out.index.numel() * 5 // 4 + 1024  # next call's buffer: this one + 25 %
     return FamilyForward(out.spikes, None, ActiveSet(out.index, grad, out.spikes.shape),
                          FamilyTraces(out.leak, out.reset, out.last))
+
+
+def _adjoint_fits(ext, active: ActiveSet, *_) -> bool:
+    """The adjoint kernel holds a row's delta in one program: width up to MAX_WIDTH (else torch)."""
+    from ..kernels.lif_family_forward import MAX_WIDTH
+
+    return active.shape[2] <= MAX_WIDTH
+
+
+@register("lif_adjoint", "triton", accepts=_adjoint_fits)
+def lif_adjoint(ext, active: ActiveSet, beta: float, reset_spikes, recurrent_weight, weight, targets: ActiveSet | None,
+                full_grid: bool, workspace: Workspace):
+    """The torch op's (ds, dL/dx at the targets, delta grid) from the adjoint kernel (`kernels/lif_adjoint.py`);
+    dL/dx at the targets from its delta grid by the sparse input-gradient kernel, as `input_grad_at`."""
+    from ..kernels.lif_adjoint import lif_adjoint as walk
+
+    ds, grid = walk(ext, active.grad, active.index, active.shape, beta, reset_spikes=reset_spikes,
+                    recurrent_weight=recurrent_weight, store_grid=full_grid or targets is not None)
+    out = input_grad_at(grid, weight, targets, workspace) if targets is not None else None
+    dtype = ext.dtype
+    return ds.to(dtype), None if out is None else out.to(dtype), grid.to(dtype) if full_grid else None
 
 
 @register("weight_grad", "triton")
