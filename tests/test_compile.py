@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from ztriton.kernels import (event_current, event_weight_grad, lif_forward, sparse_input_grad,
+    from ztriton.kernels import (event_current, event_weight_grad, lif_adjoint, lif_family_forward, lif_forward,
+                                 sparse_input_grad,
                                  sparse_weight_grad, time_filter)
 
     F = lif_forward
@@ -72,10 +73,40 @@ SCRIPT = textwrap.dedent('''
                      {"filtered_ptr": "*fp32", "weight_t_ptr": "*fp32", "rows_ptr": "*i64", "inputs_ptr": "*i64",
                       "out_ptr": "*fp32", "n_targets": "i32", "n_out": "i32"},
                      dict(BLOCK_U=64, BLOCK_O=64)))
+    K = lif_family_forward
+    def family(mode, block, recurrent=True, zero=False, leak=False, reset=False, dist=F.NORMAL, m=1, dtype="*fp32"):
+        sig = {"current_ptr": dtype, "bias_ptr": dtype, "rec_t_ptr": dtype, "threshold_ptr": "*fp32",
+               "spikes_ptr": dtype, "index_ptr": "*i64", "value_ptr": "*fp32", "leak_ptr": "*fp32",
+               "reset_ptr": "*fp32", "last_ptr": "*i64", "count_ptr": "*i64", "membrane_ptr": "*fp32",
+               "cdf_ptr": "*fp32", "abs_z_ptr": "*fp32", "batch": "i32", "n_out": "i32", "steps": "i32",
+               "beta": "fp32", "delta": "fp32", "scale": "fp32", "bth": "fp32", "capacity": "i32", "seed": "i64",
+               "offset": "i64", "dist_param": "fp32"}
+        const = dict(MODE=mode, HAS_BIAS=True, RECURRENT=recurrent, ZERO_RESET=zero, TRACE_LEAK=leak,
+                     TRACE_RESET=reset, TRACE_LAST=zero and mode < 2, M=m, DIST=dist, ALPHA=1,
+                     TABLE_SIZE=20001 if dist == F.TABLE else 2, SEARCH_STEPS=15 if dist == F.TABLE else 1,
+                     BLOCK_N=block, TILE_K=K.tile_k(block))
+        return K.lif_family_forward_kernel, sig, const, K.num_warps(block)
+
+    # the widest block (MAX_WIDTH) with the most state, a small one, every mode, both resets, fp16
+    variants.append(family(F.LOCALZO, K.MAX_WIDTH, leak=True, reset=True, dist=F.TABLE, m=5))
+    variants.append(family(F.LOCALZO, K.MAX_WIDTH, zero=True, leak=True))
+    variants.append(family(F.SPARSEGRAD, 32, zero=True, leak=True))
+    variants.append(family(F.MEMBRANE, 1024, leak=True, reset=True))
+    variants.append(family(F.SPIKES, 1024, recurrent=False, dtype="*fp16"))
+    variants.append(family(F.LOCALZO, 256, dtype="*bf16"))
+    adjoint_sig = {"ext_ptr": "*fp32", "grad_ptr": "*fp32", "index_ptr": "*i64", "bounds_ptr": "*i64",
+                   "rec_t_ptr": "*fp32", "spikes_ptr": "*fp32", "ds_ptr": "*fp32", "grid_ptr": "*fp32",
+                   "batch": "i32", "n_out": "i32", "steps": "i32", "beta": "fp32"}
+    for block, recurrent, zero, grid, spikes in ((K.MAX_WIDTH, True, True, True, "*fp32"), (64, True, False, False, "*fp32"),
+                                                 (1024, False, True, True, "*fp16")):
+        variants.append((lif_adjoint.lif_adjoint_kernel, dict(adjoint_sig, spikes_ptr=spikes),
+                         dict(RECURRENT=recurrent, ZERO_RESET=zero, STORE_GRID=grid, BLOCK_N=block,
+                              BLOCK_E=lif_adjoint.block_entries(block)), K.num_warps(block)))
     for arch in (80, 90):
-        for fn, sig, const in variants:
+        for fn, sig, const, *warps in variants:
             sig = dict(sig, **{name: "constexpr" for name in const})
-            binary = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32))
+            options = dict(num_warps=warps[0]) if warps else None
+            binary = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32), options=options)
             assert len(binary.asm["cubin"]) > 1000
             print("compiled", arch, fn.__name__, const)
 ''')
@@ -86,4 +117,5 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 2 * 34  # 17 forward, 3 event current, 1 sampler, 6 filter, 7 gradient
+    # 17 forward, 3 event current, 1 sampler, 6 filter, 7 gradient, 6 family forward, 3 family adjoint
+    assert done.stdout.count("compiled") == 2 * 43

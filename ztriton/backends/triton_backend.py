@@ -8,6 +8,14 @@ and bias gradient (for a batch of events over its events, D^T x; else CSR by neu
 trace rebuilt in-kernel from checkpoints) and the input gradient at the upstream active entries
 as kernels. Launches per layer do not depend on T or on the active
 count. Kernels are imported on first use, so this module imports without Triton.
+
+The LIF family (DESIGN.md section 9): `lif_family_forward` (kernels/lif_family_forward.py) and
+`lif_adjoint` (kernels/lif_adjoint.py) hold a whole batch row per program, since a recurrent row
+exchanges its spikes (forward) and its delta (backward) every step. Up to MAX_WIDTH = 2048 neurons
+(the widest block that compiles without register spills for sm_80/sm_90); a recurrent layer wider
+than that is declined (`accepts=`) and runs on the torch ops, which `stats["ops"]` then names. A
+feed-forward family layer of any width runs the forward kernel in several column blocks per row.
+`lif_adjoint_grid` (the dense path) stays on torch.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from ..distributions import KERNEL_LAWS, kernel_law, kernel_law_refusal
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from .base import LIFConfig, LIFForward, Workspace
+from .lif_family import FamilyForward, FamilyTraces
 from .registry import register
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,6 +109,67 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
         grad = out.values
     workspace.hints["active"] = out.index.numel() * 5 // 4 + 1024  # next call's buffer: this one + 25 %
     return LIFForward(out.spikes, None, ActiveSet(out.index, grad, out.spikes.shape))
+
+
+def _family_fits(x, weight, bias, recurrent_weight, *_) -> bool:
+    """The family kernel holds a recurrent row in one program: width up to its MAX_WIDTH (else torch)."""
+    from ..kernels.lif_family_forward import MAX_WIDTH
+
+    return recurrent_weight is None or weight.shape[0] <= MAX_WIDTH
+
+
+@register("lif_family_forward", "triton", accepts=_family_fits)
+def lif_family_forward(x, weight, bias, recurrent_weight, threshold, cfg: LIFConfig, needs_grad: bool,
+                       key: PhiloxKey | None, workspace: Workspace) -> FamilyForward:
+    """The torch op's result (`backends/lif_family.py`) from one launch of the family kernel
+    (`kernels/lif_family_forward.py`) after the feed-forward current (a GEMM or the event current)."""
+    from ..kernels import lif_family_forward as kernel
+
+    rule, zero_reset = cfg.rule, cfg.reset == "zero"
+    current = input_current(x, weight)
+    run = dict(recurrent_weight=recurrent_weight, zero_reset=zero_reset, bias=bias, spike_dtype=weight.dtype)
+    if not needs_grad:
+        out = kernel.lif_family_forward(current, threshold, cfg.beta, mode=kernel.SPIKES, **run)
+        return FamilyForward(out.spikes, None, None, FamilyTraces(None, None, None))
+    run.update(trace_leak=cfg.trace_leak, trace_reset=cfg.trace_reset)
+    if rule.grad == "surrogate":
+        out = kernel.lif_family_forward(current, threshold, cfg.beta, mode=kernel.MEMBRANE, **run)
+        g = rule.law.expected_grad(out.membrane, rule.delta)
+        return FamilyForward(out.spikes, g, None, FamilyTraces(out.leak, out.reset, None))
+    run.update(trace_last=zero_reset, capacity=workspace.hints.get("family_active"))
+    if rule.grad == "sparsegrad":
+        out = kernel.lif_family_forward(current, threshold, cfg.beta, mode=kernel.SPARSEGRAD, bth=rule.bth, **run)
+        grad = rule.law.expected_grad(out.values, rule.delta)
+    else:
+        out = kernel.lif_family_forward(
+            current, threshold, cfg.beta, mode=kernel.LOCALZO, delta=rule.delta, m=rule.m, seed=key.seed,
+            offset=key.offset, alpha=rule.law.alpha, c=rule.law.c, **sampler_args(rule.law, current.device), **run,
+        )
+        grad = out.values
+    workspace.hints["family_active"] = out.index.numel() * 5 // 4 + 1024  # next call's buffer: this one + 25 %
+    return FamilyForward(out.spikes, None, ActiveSet(out.index, grad, out.spikes.shape),
+                         FamilyTraces(out.leak, out.reset, out.last))
+
+
+def _adjoint_fits(ext, active: ActiveSet, *_) -> bool:
+    """The adjoint kernel holds a row's delta in one program: width up to MAX_WIDTH (else torch)."""
+    from ..kernels.lif_family_forward import MAX_WIDTH
+
+    return active.shape[2] <= MAX_WIDTH
+
+
+@register("lif_adjoint", "triton", accepts=_adjoint_fits)
+def lif_adjoint(ext, active: ActiveSet, beta: float, reset_spikes, recurrent_weight, weight, targets: ActiveSet | None,
+                full_grid: bool, workspace: Workspace):
+    """The torch op's (ds, dL/dx at the targets, delta grid) from the adjoint kernel (`kernels/lif_adjoint.py`);
+    dL/dx at the targets from its delta grid by the sparse input-gradient kernel, as `input_grad_at`."""
+    from ..kernels.lif_adjoint import lif_adjoint as walk
+
+    ds, grid = walk(ext, active.grad, active.index, active.shape, beta, reset_spikes=reset_spikes,
+                    recurrent_weight=recurrent_weight, store_grid=full_grid or targets is not None)
+    out = input_grad_at(grid, weight, targets, workspace) if targets is not None else None
+    dtype = ext.dtype
+    return ds.to(dtype), None if out is None else out.to(dtype), grid.to(dtype) if full_grid else None
 
 
 @register("weight_grad", "triton")
