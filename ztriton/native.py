@@ -52,6 +52,15 @@ MIN_BLOCK = 4
 if AVAILABLE:
     jit = numba.njit(cache=True, nogil=True)
 
+    @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+    def _dot(a, b):  # pragma: no cover - compiled
+        """a . b with the sum reassociated, so it vectorises (a strict left-to-right sum waits on
+        each add); the order is fixed by the compiled code, so the result does not vary between calls."""
+        total = a[0] * 0
+        for n in range(a.shape[0]):
+            total += a[n] * b[n]
+        return total
+
     @jit
     def _to_uniform(bits):  # pragma: no cover - compiled
         signed = np.int64(bits) - np.int64(4294967296) if bits >= np.uint64(2147483648) else np.int64(bits)
@@ -452,11 +461,7 @@ if AVAILABLE:
                     for e in range(act_ptr[r], act_ptr[r + 1]):
                         total = ext[e]
                         if recurrent:
-                            j = act_neuron[e]
-                            dot = zero
-                            for n in range(width):
-                                dot += rec_table[j, n] * delta[n]
-                            total += dot
+                            total += _dot(rec_table[act_neuron[e]], delta)
                         ds[e] = g[e] * total
                     if zero_reset:
                         for n in range(width):
@@ -467,12 +472,7 @@ if AVAILABLE:
                     for e in range(act_ptr[r], act_ptr[r + 1]):
                         delta[act_neuron[e]] += ds[e]
                 for k in range(tgt_ptr[r], tgt_ptr[r + 1]):
-                    i = tgt_input[k]
-                    total = zero
-                    if t <= last:
-                        for n in range(width):
-                            total += delta[n] * table[i, n]
-                    out[k] = total
+                    out[k] = _dot(delta, table[tgt_input[k]]) if t <= last else zero
                 if full_grid:
                     for n in range(width):
                         grid[t, b, n] = delta[n]
@@ -492,10 +492,7 @@ if AVAILABLE:
                 for j in range(width):
                     e = ext[t, b, j]
                     if recurrent and later and g[t, b, j] != zero:
-                        dot = zero
-                        for n in range(width):
-                            dot += rec_table[j, n] * delta[t + 1, b, n]
-                        e += dot
+                        e += _dot(rec_table[j], delta[t + 1, b])
                     ds[t, b, j] = g[t, b, j] * e
                 for n in range(width):
                     leak = zero
