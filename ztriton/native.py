@@ -88,11 +88,20 @@ if AVAILABLE:
             u1[i], u2[i] = _philox2(index[i], seed, offset, k)
 
     @jit
+    def _normal_radius(u1):  # pragma: no cover - compiled
+        """Box-Muller's radius sqrt(-2 ln u1), float64."""
+        return np.sqrt(-2.0 * np.log(np.float64(max(u1, np.float32(1e-7)))))
+
+    @jit
+    def _normal_abs_z(radius, u2):  # pragma: no cover - compiled
+        """|z| = |radius cos(2 pi u2)| rounded once to float32 (never above float32(radius): |cos| <= 1)."""
+        return np.float32(abs(radius * np.cos(np.float64(u2 * np.float32(6.283185307179586)))))
+
+    @jit
     def _abs_z(u1, u2, dist, dist_param, cdf, table_z):  # pragma: no cover - compiled
         """|z| of a law from the contract's uniforms, float32: `Distribution.abs_z_from_uniforms` op for op."""
         if dist == 0:  # normal, Box-Muller in float64, rounded once
-            radius = np.sqrt(-2.0 * np.log(np.float64(max(u1, np.float32(1e-7)))))
-            return np.float32(abs(radius * np.cos(np.float64(u2 * np.float32(6.283185307179586)))))
+            return _normal_abs_z(_normal_radius(u1), u2)
         if dist == 1:  # uniform
             return u1 * np.float32(1.7320508075688772)
         if dist == 2:  # laplace
@@ -113,6 +122,27 @@ if AVAILABLE:
         frac = min(max((u1 - c_lo) / max(c_hi - c_lo, np.float32(1e-30)), np.float32(0.0)), np.float32(1.0))
         z_lo = table_z[upper - 1]
         return z_lo + frac * (table_z[upper] - z_lo)
+
+    @jit
+    def _localzo_sum(near, position, seed, offset, m, dist, dist_param, cdf, table_z, delta,
+                     inverse):  # pragma: no cover - compiled
+        """Eq. 7 before its scale at one entry: the sum over the m draws at `position` of |z| (1 / |z|
+        with `inverse`) where near = |v| < delta |z|. For the normal law a draw whose Box-Muller
+        radius already fails the test skips the cosine: |z| <= float32(radius), so the result is
+        the same as drawing |z| in full."""
+        total = np.float32(0.0)
+        for k in range(m):
+            u1, u2 = _philox2(position, seed, offset, k)
+            if dist == 0:
+                radius = _normal_radius(u1)
+                if not near < delta * np.float32(radius):
+                    continue
+                z = _normal_abs_z(radius, u2)
+            else:
+                z = _abs_z(u1, u2, dist, dist_param, cdf, table_z)
+            if near < delta * z:
+                total += np.float32(1.0) / z if inverse else z
+        return total
 
     @jit
     def _gather_events(bins, units, offsets, samples, steps, out):  # pragma: no cover - compiled
@@ -204,13 +234,8 @@ if AVAILABLE:
                     if acc[n] < cand_threshold:
                         value = acc[n]
                         if draw:
-                            near = np.float32(acc[n])
-                            total = np.float32(0.0)
-                            for k in range(m):
-                                u1, u2 = _philox2(base + n, seed, offset, k)
-                                z = _abs_z(u1, u2, dist, dist_param, cdf, table_z)
-                                if near < delta * z:
-                                    total += np.float32(1.0) / z if inverse else z
+                            total = _localzo_sum(np.float32(acc[n]), base + n, seed, offset, m, dist, dist_param,
+                                                 cdf, table_z, delta, inverse)
                             value = total * scale
                         # the two appends are written out: as a helper, even inlined, the step ran ~10 % slower
                         if value > 0 or not draw:
@@ -388,13 +413,8 @@ if AVAILABLE:
                     if acc[n] < cand_threshold:
                         value = acc[n]
                         if draw:
-                            near = np.float32(acc[n])
-                            total = np.float32(0.0)
-                            for k in range(m):
-                                u1, u2 = _philox2(base + n, seed, offset, k)
-                                z = _abs_z(u1, u2, dist, dist_param, cdf, table_z)
-                                if near < delta * z:
-                                    total += np.float32(1.0) / z if inverse else z
+                            total = _localzo_sum(np.float32(acc[n]), base + n, seed, offset, m, dist, dist_param,
+                                                 cdf, table_z, delta, inverse)
                             value = total * scale
                         if value > 0 or not draw:
                             c = cand_count[b]
