@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lif_forward import LOCALZO, MEMBRANE, NORMAL, SPARSEGRAD, SPIKES, _abs_z, _contract_uniforms, _search_steps, _tables
+from .lif_forward import LOCALZO, MEMBRANE, NORMAL, SPARSEGRAD, SPIKES, _search_steps, _tables, localzo_sum
 
 __all__ = ["LOCALZO", "MEMBRANE", "SPARSEGRAD", "SPIKES", "MAX_WIDTH", "FamilyKernelOutput", "lif_family_forward",
            "lif_family_forward_kernel", "block_width", "tile_k"]
@@ -134,15 +134,8 @@ def lif_family_forward_kernel(
         if MODE < 2:
             abs_v = tl.abs(v)
             if MODE == 0:
-                acc = tl.zeros([BLOCK_N], tl.float32)
-                for k in tl.static_range(M):
-                    u1, u2 = _contract_uniforms(seed, index, offset, k)
-                    z = _abs_z(u1, u2, DIST, dist_param, cdf_ptr, abs_z_ptr, TABLE_SIZE, SEARCH_STEPS)
-                    if ALPHA == 1:
-                        weight = z
-                    else:
-                        weight = 1.0 / z
-                    acc += tl.where(abs_v < delta * z, weight, 0.0)
+                acc = localzo_sum(abs_v, seed, index, offset, delta, dist_param, cdf_ptr, abs_z_ptr, M, DIST, ALPHA,
+                                  TABLE_SIZE, SEARCH_STEPS)
                 kept = mask & (acc > 0)
                 value = acc * scale
             else:

@@ -82,6 +82,22 @@ def _abs_z(u1, u2, DIST: tl.constexpr, dist_param, cdf_ptr, abs_z_ptr, TABLE_SIZ
 
 
 @triton.jit
+def localzo_sum(abs_v, seed, index, offset, delta, dist_param, cdf_ptr, abs_z_ptr, M: tl.constexpr,
+                DIST: tl.constexpr, ALPHA: tl.constexpr, TABLE_SIZE: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """Eq. 7 before its scale, per entry: the sum over the M draws at `index` of |z|^ALPHA where |v| < delta |z|."""
+    acc = tl.zeros_like(abs_v)
+    for k in tl.static_range(M):
+        u1, u2 = _contract_uniforms(seed, index, offset, k)
+        z = _abs_z(u1, u2, DIST, dist_param, cdf_ptr, abs_z_ptr, TABLE_SIZE, SEARCH_STEPS)
+        if ALPHA == 1:
+            weight = z
+        else:
+            weight = 1.0 / z
+        acc += tl.where(abs_v < delta * z, weight, 0.0)
+    return acc
+
+
+@triton.jit
 def lif_forward_kernel(
     current_ptr, bias_ptr, spikes_ptr, index_ptr, value_ptr, count_ptr, membrane_ptr, cdf_ptr, abs_z_ptr,
     n_cols, n_out, steps, beta, threshold, leak, delta, scale, bth, capacity, seed, offset, dist_param,
@@ -114,15 +130,8 @@ def lif_forward_kernel(
         if MODE < 2:
             abs_v = tl.abs(v)
             if MODE == 0:
-                acc = tl.zeros([BLOCK], tl.float32)
-                for k in tl.static_range(M):
-                    u1, u2 = _contract_uniforms(seed, index, offset, k)
-                    z = _abs_z(u1, u2, DIST, dist_param, cdf_ptr, abs_z_ptr, TABLE_SIZE, SEARCH_STEPS)
-                    if ALPHA == 1:
-                        weight = z
-                    else:
-                        weight = 1.0 / z
-                    acc += tl.where(abs_v < delta * z, weight, 0.0)
+                acc = localzo_sum(abs_v, seed, index, offset, delta, dist_param, cdf_ptr, abs_z_ptr, M, DIST, ALPHA,
+                                  TABLE_SIZE, SEARCH_STEPS)
                 keep = mask & (acc > 0)
                 value = acc * scale
             else:

@@ -26,7 +26,7 @@ from ..events import call_input, dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
 from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
-from .lif_linear import LIFStats, PathPolicy
+from .lif_linear import LIFStats, PathPolicy, measured_path
 
 
 def _last_spikes_at(spikes: torch.Tensor, active: ActiveSet) -> torch.Tensor:
@@ -76,9 +76,7 @@ class LIFFamilyFunction(torch.autograd.Function):
                                            workspace)
         if not needs_grad:
             return spikes, LIFStats("none", None, 0, 0, backend.name, spikes.numel(), ops)
-        nnz = active.nnz if active is not None else int(torch.count_nonzero(g))
-        fraction = nnz / max(1, spikes.numel())
-        path = policy(fraction)
+        nnz, fraction, path = measured_path(policy, spikes, g, active)
         zero_reset = cfg.reset == "zero"
         if path == "dense" and g is None:
             g, traces = active.dense().to(dtype), _dense_traces(traces, active)

@@ -53,6 +53,14 @@ class LIFStats:
     active: ActiveSet | None = None
 
 
+def measured_path(policy: PathPolicy, spikes: torch.Tensor, g: torch.Tensor | None, active: ActiveSet | None
+                  ) -> tuple[int, float, str]:
+    """(active entries, active fraction, path) of a training forward: the policy's choice from the activity."""
+    nnz = active.nnz if active is not None else int(torch.count_nonzero(g))
+    fraction = nnz / max(1, spikes.numel())
+    return nnz, fraction, policy(fraction)
+
+
 class LIFFunction(torch.autograd.Function):
     """apply(x, weight, bias, cfg, policy, needs_grad, key, backend, workspace) -> (spikes, LIFStats).
 
@@ -71,9 +79,7 @@ class LIFFunction(torch.autograd.Function):
                                    workspace)
         if not needs_grad:
             return spikes, LIFStats("none", None, 0, 0, backend.name, spikes.numel(), ops)
-        nnz = active.nnz if active is not None else int(torch.count_nonzero(g))
-        fraction = nnz / max(1, spikes.numel())
-        path = policy(fraction)
+        nnz, fraction, path = measured_path(policy, spikes, g, active)
         if path == "dense" and g is None:
             g = active.dense().to(compute_dtype(weight.dtype))
         if path == "sparse" and active is None:
