@@ -11,7 +11,7 @@ ORDER = [
     "ztriton._checks", "ztriton.counting", "ztriton.sparse", "ztriton.native",
     "ztriton.kernels.time_filter", "ztriton.kernels.lif_forward", "ztriton.kernels.event_current",
     "ztriton.kernels.sparse_weight_grad", "ztriton.kernels.event_weight_grad", "ztriton.kernels.sparse_input_grad",
-    "ztriton.kernels",
+    "ztriton.kernels.lif_family_forward", "ztriton.kernels.lif_adjoint", "ztriton.kernels",
     "ztriton.rng", "ztriton.distributions", "ztriton.events", "ztriton.data", "ztriton.functional",
     "ztriton.scheduler",
     "ztriton.backends.base", "ztriton.backends.registry", "ztriton.backends.time_filter",
