@@ -103,10 +103,9 @@ class LIFFamilyFunction(torch.autograd.Function):
         step = _dense_backward if ctx.path == "dense" else _sparse_backward
         grad_x, grad_w, grad_b, grad_v, ds = step(ctx, grad_spikes, x, weight, recurrent_weight, spikes, g, dtype)
         grad_beta, grad_theta = _leak_and_threshold(ctx, ds)
-        cast = lambda grad, like: None if grad is None or like is None else grad.to(like.dtype)  # noqa: E731
-        _, _, bias, _, beta, threshold = ctx.needs_input_grad[:6]
-        return (grad_x, grad_w.to(weight.dtype), grad_b if bias else None, cast(grad_v, recurrent_weight),
-                grad_beta if beta else None, grad_theta if threshold else None, None, None, None, None, None, None)
+        grad_b = grad_b.to(weight.dtype) if grad_b is not None and ctx.needs_input_grad[2] else None
+        grad_v = grad_v.to(recurrent_weight.dtype) if grad_v is not None else None
+        return grad_x, grad_w.to(weight.dtype), grad_b, grad_v, grad_beta, grad_theta, *(None,) * 6
 
 
 def _leak_and_threshold(ctx, ds):
@@ -193,17 +192,20 @@ def _sparse_backward(ctx, grad_spikes, x, weight, recurrent_weight, spikes, g, d
         earlier, shifted = delayed_entries(entries, values)
         grad_v, _ = run_op(ops, "recurrent_weight_grad", "weight_grad", backend, shifted, earlier, spikes, cfg.beta,
                            recurrent_weight.shape, False, workspace)
-    grad_x = None
-    if not wants_dx:
-        pass
-    elif walk and ctx.producer is not None:
-        grad_x = sparse_grad(ctx.producer, at_targets, x.dtype)
-    elif walk:
-        grad_x = input_grad_from_filtered(grid, weight, x, None, backend, workspace, ops)
-    elif ctx.producer is not None:
-        values = run_op(ops, "input_grad", "input_grad", backend, ds, active, cfg.beta, weight, ctx.producer, workspace)
-        grad_x = sparse_grad(ctx.producer, values, x.dtype)
-    else:
-        filtered = run_op(ops, "time_filter", "filtered_grad", backend, ds, active, cfg.beta)
-        grad_x = input_grad_from_filtered(filtered, weight, x, None, backend, workspace, ops)
+    grad_x = _input_grad(ctx, x, weight, ds, walk, at_targets, grid) if wants_dx else None
     return grad_x, grad_w, grad_b, grad_v, ds
+
+
+def _input_grad(ctx, x, weight, ds, walk: bool, at_targets, grid):
+    """dL/dx = delta W: from the walk's values at the upstream targets or its delta grid, else (no walk:
+    the plain model's filter) by the plain model's ops."""
+    backend, workspace, ops, active, beta = ctx.backend, ctx.workspace, ctx.ops, ctx.active, ctx.cfg.beta
+    if walk and ctx.producer is not None:
+        return sparse_grad(ctx.producer, at_targets, x.dtype)
+    if walk:
+        return input_grad_from_filtered(grid, weight, x, None, backend, workspace, ops)
+    if ctx.producer is not None:
+        values = run_op(ops, "input_grad", "input_grad", backend, ds, active, beta, weight, ctx.producer, workspace)
+        return sparse_grad(ctx.producer, values, x.dtype)
+    filtered = run_op(ops, "time_filter", "filtered_grad", backend, ds, active, beta)
+    return input_grad_from_filtered(filtered, weight, x, None, backend, workspace, ops)
