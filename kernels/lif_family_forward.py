@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lif_forward import LOCALZO, MEMBRANE, NORMAL, SPARSEGRAD, SPIKES, _search_steps, _tables, localzo_sum
+from .lif_forward import LOCALZO, MEMBRANE, NORMAL, SPARSEGRAD, SPIKES, _search_steps, _tables, active_entries, append_positions
 
 __all__ = ["LOCALZO", "MEMBRANE", "SPARSEGRAD", "SPIKES", "MAX_WIDTH", "FamilyKernelOutput", "lif_family_forward",
            "lif_family_forward_kernel", "block_width", "tile_k"]
@@ -132,20 +132,11 @@ def lif_family_forward_kernel(
             if TRACE_RESET:
                 tl.store(reset_ptr + index, reset_trace, mask=mask)
         if MODE < 2:
-            abs_v = tl.abs(v)
-            if MODE == 0:
-                acc = localzo_sum(abs_v, seed, index, offset, delta, dist_param, cdf_ptr, abs_z_ptr, M, DIST, ALPHA,
-                                  TABLE_SIZE, SEARCH_STEPS)
-                kept = mask & (acc > 0)
-                value = acc * scale
-            else:
-                kept = mask & (abs_v < bth)
-                value = abs_v
+            kept, value = active_entries(v, mask, seed, index, offset, delta, scale, bth, dist_param, cdf_ptr,
+                                         abs_z_ptr, MODE, M, DIST, ALPHA, TABLE_SIZE, SEARCH_STEPS)
             found = tl.sum(kept.to(tl.int32), axis=0)
             if found > 0:  # append to the compact set: one atomic per program and step
-                base = tl.atomic_add(count_ptr, found.to(tl.int64))
-                position = base + tl.cumsum(kept.to(tl.int32), axis=0).to(tl.int64) - 1
-                room = kept & (position < capacity)
+                position, room = append_positions(kept, found, count_ptr, capacity)
                 tl.store(index_ptr + position, index, mask=room)
                 tl.store(value_ptr + position, value, mask=room)
                 if TRACE_LEAK:

@@ -98,6 +98,29 @@ def localzo_sum(abs_v, seed, index, offset, delta, dist_param, cdf_ptr, abs_z_pt
 
 
 @triton.jit
+def active_entries(v, mask, seed, index, offset, delta, scale, bth, dist_param, cdf_ptr, abs_z_ptr,
+                   MODE: tl.constexpr, M: tl.constexpr, DIST: tl.constexpr, ALPHA: tl.constexpr,
+                   TABLE_SIZE: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """(kept, value) of a block of entries: LocalZO (MODE 0) keeps g != 0 and gives g (eq. 7),
+    SparseGrad keeps |v| < B_th and gives |v|."""
+    abs_v = tl.abs(v)
+    if MODE == 0:
+        acc = localzo_sum(abs_v, seed, index, offset, delta, dist_param, cdf_ptr, abs_z_ptr, M, DIST, ALPHA,
+                          TABLE_SIZE, SEARCH_STEPS)
+        return mask & (acc > 0), acc * scale
+    return mask & (abs_v < bth), abs_v
+
+
+@triton.jit
+def append_positions(kept, found, count_ptr, capacity):
+    """(positions, room) of the kept entries in the compact set: one atomic add of their count, then
+    a prefix sum; room is False past the buffer's capacity (the caller reruns with more)."""
+    base = tl.atomic_add(count_ptr, found.to(tl.int64))
+    position = base + tl.cumsum(kept.to(tl.int32), axis=0).to(tl.int64) - 1
+    return position, kept & (position < capacity)
+
+
+@triton.jit
 def lif_forward_kernel(
     current_ptr, bias_ptr, spikes_ptr, index_ptr, value_ptr, count_ptr, membrane_ptr, cdf_ptr, abs_z_ptr,
     n_cols, n_out, steps, beta, threshold, leak, delta, scale, bth, capacity, seed, offset, dist_param,
@@ -128,20 +151,11 @@ def lif_forward_kernel(
         if MODE == 2:
             tl.store(membrane_ptr + index, v, mask=mask)
         if MODE < 2:
-            abs_v = tl.abs(v)
-            if MODE == 0:
-                acc = localzo_sum(abs_v, seed, index, offset, delta, dist_param, cdf_ptr, abs_z_ptr, M, DIST, ALPHA,
-                                  TABLE_SIZE, SEARCH_STEPS)
-                keep = mask & (acc > 0)
-                value = acc * scale
-            else:
-                keep = mask & (abs_v < bth)
-                value = abs_v
+            keep, value = active_entries(v, mask, seed, index, offset, delta, scale, bth, dist_param, cdf_ptr,
+                                         abs_z_ptr, MODE, M, DIST, ALPHA, TABLE_SIZE, SEARCH_STEPS)
             found = tl.sum(keep.to(tl.int32), axis=0)
             if found > 0:  # append to the compact set: one atomic per program and step
-                base = tl.atomic_add(count_ptr, found.to(tl.int64))
-                position = base + tl.cumsum(keep.to(tl.int32), axis=0).to(tl.int64) - 1
-                room = keep & (position < capacity)
+                position, room = append_positions(keep, found, count_ptr, capacity)
                 tl.store(index_ptr + position, index, mask=room)
                 tl.store(value_ptr + position, value, mask=room)
 
