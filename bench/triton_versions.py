@@ -33,8 +33,8 @@ PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
 #: the test runs per version: modules that exercise the kernels or the Triton backend as a whole,
 #: and the Triton-parametrised tests of the other modules (selected by -k triton)
 TEST_RUNS = (
-    ["tests/test_kernels.py", "tests/test_compile.py", "tests/test_rng.py", "tests/test_device_work.py",
-     "tests/test_bench.py::test_gpu_report_cost_model_on_a_small_shape"],
+    ["tests/test_kernels.py", "tests/test_triton_family.py", "tests/test_compile.py", "tests/test_rng.py",
+     "tests/test_device_work.py", "tests/test_bench.py::test_gpu_report_cost_model_on_a_small_shape"],
     ["-k", "triton", "tests/test_autograd.py", "tests/test_backends.py", "tests/test_fallbacks.py",
      "tests/test_input_buffers.py"],
 )
