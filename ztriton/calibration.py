@@ -50,9 +50,6 @@ def calibrate(
     Returns the entry written: {"crossover", "fractions", "dense_s", "sparse_s", "dense_spread",
     "sparse_spread" (interquartile ranges), "shape", "repeats", "backend"}.
     """
-    from .layers import SparseLIFLinear  # the layer is what is being timed
-    from .backends.lif_forward import lif_recurrence
-
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     x = (torch.rand(steps, batch, n_in, generator=gen, device=device) < 0.05).float()

@@ -85,6 +85,15 @@ def _leak(name: str, beta, learn: bool) -> tuple[float, nn.Parameter | None]:
     return beta, nn.Parameter(torch.tensor(math.log(beta / (1.0 - beta))))
 
 
+def _leak_now(logit: nn.Parameter | None, fixed: float) -> tuple[torch.Tensor | None, float]:
+    """(sigmoid(logit), its value) of a learnable leak (the tensor in autograd's graph while grad is
+    enabled), or (None, fixed)."""
+    if logit is None:
+        return None, fixed
+    beta = torch.sigmoid(logit)
+    return beta, float(beta.detach())
+
+
 def _threshold(module: nn.Module, threshold, n_out: int, learn: bool) -> None:
     """module.threshold: an (n_out,) buffer, or the parameter with `learn`, from a number or a tensor.
     The buffer starts in float64, so a float64 layer keeps the value given (0.8 stays 0.8); the
@@ -245,7 +254,7 @@ class SparseLIFLinear(nn.Module):
     @property
     def beta(self) -> float:
         """The leak factor now: `sigmoid(beta_logit)` with `learn_beta`, else the fixed value."""
-        return float(torch.sigmoid(self.beta_logit.detach())) if self.beta_logit is not None else self._beta
+        return _leak_now(self.beta_logit, self._beta)[1]
 
     @property
     def family(self) -> bool:
@@ -297,8 +306,8 @@ class SparseLIFLinear(nn.Module):
         backend = self.resolve_backend()
         policy = self.path_policy(backend)
         if self.family:
-            beta = torch.sigmoid(self.beta_logit) if self.learn_beta else None
-            cfg = backends.LIFConfig(self.beta, THRESHOLD_FLOOR, self.rule, self.reset, trace_leak=self.learn_beta,
+            beta, beta_value = _leak_now(self.beta_logit, self._beta)
+            cfg = backends.LIFConfig(beta_value, THRESHOLD_FLOOR, self.rule, self.reset, trace_leak=self.learn_beta,
                                      trace_reset=self.learn_threshold and self.reset == "subtract")
             spikes, stats = LIFFamilyFunction.apply(x, self.weight, self.bias, self.recurrent_weight, beta,
                                                     self.threshold.clamp(min=THRESHOLD_FLOOR), cfg, policy, needs_grad,
@@ -364,13 +373,13 @@ class LeakyReadout(nn.Module):
         backend = _resolve(self, None)
         ops = {"current": "torch"}  # the Function adds the ops it runs
         self.stats.update(backend=backend.name, ops=ops)
-        beta = torch.sigmoid(self.beta_logit) if self.learn_beta else None
-        return LeakyReadoutFunction.apply(x, self.weight, self.bias, beta, self.beta, backend, self.workspace, ops)
+        beta, beta_value = _leak_now(self.beta_logit, self._beta)
+        return LeakyReadoutFunction.apply(x, self.weight, self.bias, beta, beta_value, backend, self.workspace, ops)
 
     @property
     def beta(self) -> float:
         """The leak factor now: `sigmoid(beta_logit)` with `learn_beta`, else the fixed value."""
-        return float(torch.sigmoid(self.beta_logit.detach())) if self.beta_logit is not None else self._beta
+        return _leak_now(self.beta_logit, self._beta)[1]
 
     def extra_repr(self) -> str:
         learn = ", learn_beta=True" if self.learn_beta else ""

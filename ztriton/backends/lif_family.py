@@ -25,7 +25,7 @@ from ..events import dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet
 from .base import LIFConfig, Workspace, compute_dtype
-from .lif_forward import EVENT_DENSITY, FORWARD_CHUNK, active_set, event_current, input_events
+from .lif_forward import FORWARD_CHUNK, active_set, chunk_current
 from .registry import register
 
 
@@ -46,17 +46,6 @@ class FamilyForward(NamedTuple):
     g: torch.Tensor | None
     active: ActiveSet | None
     traces: FamilyTraces
-
-
-def _input_current(x: torch.Tensor, weight: torch.Tensor, start: int, stop: int, sparse_input: bool,
-                   table: torch.Tensor, out: torch.Tensor) -> bool:
-    """out = W x[start:stop] in the layer's dtype, over the events while x is sparse; whether it still is."""
-    found = input_events(x[start:stop]) if sparse_input else None
-    if found is not None:
-        out.copy_(event_current(found, (stop - start) * x.shape[1], table).view(out.shape))
-        return True
-    torch.matmul(x[start:stop].to(weight.dtype), weight.t(), out=out)
-    return False
 
 
 @register("lif_family_forward", "torch")
@@ -95,7 +84,7 @@ def lif_family_forward(x, weight, bias, recurrent_weight, threshold, cfg: LIFCon
     sparse_input, table = True, weight.t().contiguous()
     for start in range(0, steps, FORWARD_CHUNK):
         stop = min(steps, start + FORWARD_CHUNK)
-        sparse_input = _input_current(x, weight, start, stop, sparse_input, table, current[: stop - start])
+        sparse_input = chunk_current(x, weight, start, stop, sparse_input, table, current[: stop - start])
         for t in range(start, stop):
             i_t = current[t - start].to(dtype)
             if bias_c is not None:
@@ -141,9 +130,16 @@ def lif_family_forward(x, weight, bias, recurrent_weight, threshold, cfg: LIFCon
     if dense_g:
         return FamilyForward(spikes, g, None, FamilyTraces(leak_grid, reset_grid, None))
     active = ActiveSet(torch.cat(indices), torch.cat(grads), spikes.shape) if indices else ActiveSet.empty(spikes.shape, device)
-    cat = lambda parts, wanted, kind: (torch.cat(parts) if parts else torch.zeros(0, dtype=kind, device=device)) if wanted else None  # noqa: E731
-    return FamilyForward(spikes, None, active, FamilyTraces(cat(leaks, want_leak, dtype), cat(resets, want_reset, dtype),
-                                                            cat(lasts, want_last, torch.int64)))
+    return FamilyForward(spikes, None, active, FamilyTraces(_joined(leaks, want_leak, dtype, device),
+                                                            _joined(resets, want_reset, dtype, device),
+                                                            _joined(lasts, want_last, torch.int64, device)))
+
+
+def _joined(parts: list, wanted: bool, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """A wanted trace's per-chunk pieces as one tensor (empty when T = 0), else None."""
+    if not wanted:
+        return None
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
 
 @register("lif_adjoint", "torch")

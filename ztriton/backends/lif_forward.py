@@ -83,6 +83,18 @@ def event_current(events, n_rows: int, table: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding_bag(cols, table, offsets, mode="sum", per_sample_weights=values.to(table.dtype))
 
 
+def chunk_current(x: torch.Tensor, weight: torch.Tensor, start: int, stop: int, sparse_input: bool,
+                  table: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = W x[start:stop] in the layer's dtype (table = W^T), summed over the events while the input
+    is `sparse_input` and below EVENT_DENSITY, else a GEMM; returns whether the input still counts as sparse."""
+    found = input_events(x[start:stop]) if sparse_input else None
+    if found is not None:
+        out.copy_(event_current(found, (stop - start) * x.shape[1], table).view(out.shape))
+        return True
+    torch.matmul(x[start:stop].to(weight.dtype), weight.t(), out=out)
+    return False
+
+
 @register("lif_forward", "torch")
 def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKey | None,
                 workspace: Workspace) -> LIFForward:
@@ -105,12 +117,7 @@ def lif_forward(x, weight, bias, cfg: LIFConfig, needs_grad: bool, key: PhiloxKe
     for start in range(0, steps, FORWARD_CHUNK):
         stop = min(steps, start + FORWARD_CHUNK)
         piece, v = current[: stop - start], membrane[: stop - start]
-        found = input_events(x[start:stop]) if sparse_input else None
-        if found is not None:
-            piece.copy_(event_current(found, (stop - start) * batch, table).view(piece.shape))
-        else:
-            sparse_input = False  # once dense, stay with the GEMM
-            torch.matmul(x[start:stop].to(weight.dtype), weight.t(), out=piece)
+        sparse_input = chunk_current(x, weight, start, stop, sparse_input, table, piece)  # once dense, a GEMM
         if piece is not v:
             v.copy_(piece)
         if bias is not None:
