@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ztriton import LeakyReadout, SparseLIFLinear
-from ztriton.bptt import BPTTLIF, BPTTNet, BPTTReadout, Surrogate, snn_reference
+from ztriton.bptt import BPTTLIF, BPTTNet, BPTTReadout, Surrogate
 from ztriton.counting import count_device_work
-from ztriton.train import SNN, Config
+from ztriton.train import SNN, Config, snn_reference
 
 X = (torch.rand(17, 3, 11, generator=torch.Generator().manual_seed(0)) < 0.4).double()
 

@@ -21,7 +21,7 @@ ORDER = [
     "ztriton.ops.common", "ztriton.ops.leaky_readout", "ztriton.ops.lif_linear", "ztriton.ops.lif_family",
     "ztriton.ops",
     "ztriton.layers", "ztriton.init", "ztriton.calibration",
-    "ztriton.train", "ztriton.bptt", "ztriton.compare", "ztriton.cli", "ztriton.__main__", "ztriton",
+    "ztriton.bptt", "ztriton.train", "ztriton.compare", "ztriton.cli", "ztriton.__main__", "ztriton",
 ]
 
 

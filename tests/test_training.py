@@ -15,7 +15,8 @@ import torch
 import ztriton.train
 from ztriton.cli import main
 from ztriton.data import DataError, SpikeTimeDataset, latency_times, load_fmnist, read_idx, stratified_split
-from ztriton.train import Config, load_data, train
+from ztriton.bptt import BPTTNet
+from ztriton.train import SPEEDUPS, Config, load_data, train
 
 
 def test_latency_code_matches_hand_computed_times():
@@ -105,18 +106,22 @@ def test_training_lowers_the_loss_and_reports_speed(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "training.png").stat().st_size > 0
 
     # 240 samples in batches of 128: 2 steps an epoch; --compare-every 3 compares before steps 1 and 4,
-    # each time two runs of a sparse-path copy, then two of a dense-path copy (the second of each timed)
+    # each time two runs of a sparse-path copy, two of a dense-path copy and two of the autograd BPTT
+    # of the same network (the second of each timed)
     steps = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["steps"]
     assert [s["step"] for s in steps if "backward_speedup" in s] == [1, 4]
     trained = timed[-1][0]
     copies = [t for t in timed if t[0] is not trained]
-    assert len(copies) == 8 and len(timed) == 8 + 4  # 4 training steps
+    assert len(copies) == 12 and len(timed) == 12 + 4  # 4 training steps
     for number, step in enumerate(s for s in steps if "backward_speedup" in s):
-        (sparse_copy, fs, bs), (dense_copy, fd, bd) = copies[4 * number + 1], copies[4 * number + 3]
+        (sparse_copy, fs, bs), (dense_copy, fd, bd), (reference, fb, bb) = copies[6 * number + 1: 6 * number + 6: 2]
         assert [layer.path for layer in sparse_copy.hidden] == ["sparse"]
         assert [layer.path for layer in dense_copy.hidden] == ["dense"]
+        assert isinstance(reference, BPTTNet) and reference.hidden[0].surrogate.bth is None  # dense surrogate
+        assert torch.equal(reference.hidden[0].weight, sparse_copy.hidden[0].weight)  # the same weights
         assert step["backward_speedup"] == bd / bs and step["overall_speedup"] == (fd + bd) / (fs + bs)
-        assert math.isfinite(step["backward_speedup"]) and math.isfinite(step["overall_speedup"])
+        assert step["bptt_backward_speedup"] == bb / bs and step["bptt_overall_speedup"] == (fb + bb) / (fs + bs)
+        assert all(math.isfinite(step[key]) and step[key] > 0 for key in SPEEDUPS)
     # the training steps' own timings are what metrics.jsonl sums per epoch
     own = [(f, b) for model, f, b in timed if model is trained]
     for epoch, entry in enumerate(epochs):
@@ -126,8 +131,9 @@ def test_training_lowers_the_loss_and_reports_speed(tmp_path, monkeypatch):
     # an epoch's speedup is the median of its compared steps', the run's the median of its epochs'
     assert [e["backward_speedup"] for e in epochs] == [s["backward_speedup"] for s in steps if "backward_speedup" in s]
     assert [e["overall_speedup"] for e in epochs] == [s["overall_speedup"] for s in steps if "overall_speedup" in s]
-    assert summary["backward_speedup"] == statistics.median(e["backward_speedup"] for e in epochs)
-    assert summary["overall_speedup"] == statistics.median(e["overall_speedup"] for e in epochs)
+    for key in SPEEDUPS:
+        assert [e[key] for e in epochs] == [s[key] for s in steps if key in s]
+        assert summary[key] == statistics.median(e[key] for e in epochs)
     assert summary["wall_s"] == sum(e["wall_s"] for e in epochs)
     assert summary["compare_share"] == sum(e["compare_s"] for e in epochs) / summary["wall_s"]
     assert 0 < summary["compare_share"] < 1

@@ -17,7 +17,8 @@ BPTT op counts of `bench/gpu_report.py`), and the "step x BPTT" column of `ztrit
   through the same g).
 - `BPTTReadout`: `o[t] = beta o[t-1] + (1 - beta) (W s[t] (+ b))`, `o[-1] = 0`; `learn_beta` as above.
 - `BPTTNet`: hidden `BPTTLIF` layers and a `BPTTReadout`, like `ztriton.train.SNN`;
-  `snn_reference` builds the one matching the training application's network.
+  `from_snn` copies the training application's network (`ztriton.train.SNN`; `ztriton.train.snn_reference`
+  builds a fresh one for a configuration).
 
 Well written in the sense of DESIGN.md section 6: the feed-forward current is one GEMM over all
 steps (the recurrent one, V s[t-1], is one GEMM per step, as it must be), the time axis is unbound
@@ -43,7 +44,7 @@ from .distributions import Distribution, resolve
 from .functional import SpikeWithGrad, heaviside
 from .layers import RESETS, THRESHOLD_FLOOR
 
-__all__ = ["Surrogate", "BPTTLIF", "BPTTReadout", "BPTTNet", "snn_reference"]
+__all__ = ["Surrogate", "BPTTLIF", "BPTTReadout", "BPTTNet"]
 
 
 @dataclass(frozen=True)
@@ -317,12 +318,3 @@ class BPTTNet(nn.Module):
             out = out.sum(0)
         return out, spikes
 
-
-def snn_reference(inputs: int, classes: int, cfg, surrogate: Surrogate | None = None,
-                  dtype: torch.dtype | None = None) -> BPTTNet:
-    """The autograd BPTT of the training application's network, `ztriton.train.SNN(inputs, classes, cfg)`:
-    its sizes, leaks, thresholds, law and delta, reduction over time, and the initial weights SNN
-    draws (from the global generator, as SNN does)."""
-    from .train import SNN
-
-    return BPTTNet.from_snn(SNN(inputs, classes, cfg), surrogate, dtype)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .train import Config, load_data, train
+from .train import Config, load_data, snn_reference, train
 
 METHODS = ("surrogate", "sparsegrad", "localzo")
 #: the Config fields that make the network every method trains
@@ -44,10 +44,8 @@ def network(cfg: Config) -> str:
 
 def bptt_step_seconds(cfg: Config, train_data, repeats: int = 3) -> float:
     """Median seconds of one forward + backward of the autograd BPTT of the configured network
-    (`ztriton.bptt.snn_reference`: the SNN's sizes, law and initial weights for cfg.seed, the dense
+    (`ztriton.train.snn_reference`: the SNN's sizes, law and initial weights for cfg.seed, the dense
     surrogate, the autograd readout) on a batch of dense input, cross-entropy of its logits."""
-    from .bptt import snn_reference
-
     torch.manual_seed(cfg.seed)
     model = snn_reference(train_data.inputs, train_data.classes, cfg)
     x, y = train_data.batch(torch.arange(min(cfg.batch_size, len(train_data))))

@@ -2,7 +2,8 @@
 
 input -> hidden LIF layers (SparseLIFLinear) -> LeakyReadout; logits = max or sum over time of the
 readout; loss = NLL of log-softmax + a spike-count regulariser on the hidden layers. Every
-`--compare-every` steps the sparse and the dense backward are timed on the SAME weights and batch.
+`--compare-every` steps the sparse path, the dense path and a standard autograd BPTT of the same
+network are timed on the SAME weights and batch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._checks import positive_int
+from .bptt import BPTTNet
 from .data import DataError, EventDataset, SpikeTimeDataset, load_fmnist, load_mnist5k, load_nmnist, load_shd
 from .functional import spike_count
 from .layers import RESETS, LeakyReadout, SparseLIFLinear
@@ -272,7 +274,10 @@ def _timed_step(model, x, y, cfg):
 
 
 def compare_paths(model, x, y, cfg, states: dict) -> dict:
-    """Sparse vs dense backward on the same weights, batch and LocalZO draws (copies of the model).
+    """The step timed three ways on the same weights, batch and loss: the model's sparse path, its
+    dense path (both on copies, with the same LocalZO draws) and a standard autograd BPTT of the same
+    network (`ztriton.bptt.BPTTNet.from_snn`: dense surrogate, dense input). Returns the sparse path's
+    backward and overall speedup over the dense path and over the BPTT.
 
     Single-process runs only: under torchrun the copies' steps would need a process group of their own.
     """
@@ -281,15 +286,28 @@ def compare_paths(model, x, y, cfg, states: dict) -> dict:
         clone = copy.deepcopy(model)
         for layer in clone.hidden:
             layer.path = path
-        runs = []
-        for _ in range(2):  # the second run is timed (the first warms buffers)
-            set_rng_states(states, x.device)
-            _, _, fwd, bwd = _timed_step(clone, x, y, cfg)
-            runs.append((fwd, bwd))
-        timings[path] = runs[-1]
+        timings[path] = _second_run(clone, x, y, cfg, states)
+    dense_x = x.to_dense() if x.is_sparse else x
+    timings["bptt"] = _second_run(BPTTNet.from_snn(model), dense_x, y, cfg, states)
     set_rng_states(states, x.device)  # the training step then draws the same z as the timed copies
-    (fs, bs), (fd, bd) = timings["sparse"], timings["dense"]
-    return {"backward_speedup": bd / bs, "overall_speedup": (fd + bd) / (fs + bs)}
+    (fs, bs), (fd, bd), (fb, bb) = timings["sparse"], timings["dense"], timings["bptt"]
+    return {"backward_speedup": bd / bs, "overall_speedup": (fd + bd) / (fs + bs),
+            "bptt_backward_speedup": bb / bs, "bptt_overall_speedup": (fb + bb) / (fs + bs)}
+
+
+def _second_run(model, x, y, cfg, states: dict) -> tuple[float, float]:
+    """(forward s, backward s) of the second of two steps (the first warms buffers), each from `states`."""
+    for _ in range(2):
+        set_rng_states(states, x.device)
+        _, _, fwd, bwd = _timed_step(model, x, y, cfg)
+    return fwd, bwd
+
+
+def snn_reference(inputs: int, classes: int, cfg: Config, surrogate=None, dtype: torch.dtype | None = None) -> BPTTNet:
+    """The autograd BPTT of a fresh `SNN(inputs, classes, cfg)`: its sizes, leaks, thresholds, law and
+    delta, reduction over time, and the initial weights SNN draws (from the global generator);
+    `surrogate` and `dtype` as in `BPTTNet.from_snn`."""
+    return BPTTNet.from_snn(SNN(inputs, classes, cfg), surrogate, dtype)
 
 
 def evaluate(model, data, cfg, device) -> tuple[float, float]:
@@ -340,10 +358,10 @@ def plot_run(run_dir: Path, steps: list[dict], epochs: list[dict]) -> None:
     axes[0, 1].plot([e["epoch"] for e in epochs], [100 * e["test_accuracy"] for e in epochs], label="test")
     axes[0, 1].set(title="accuracy %", xlabel="epoch")
     axes[0, 1].legend()
-    compared = [s for s in steps if "backward_speedup" in s]
-    axes[1, 0].plot([s["step"] for s in compared], [s["backward_speedup"] for s in compared], label="backward")
-    axes[1, 0].plot([s["step"] for s in compared], [s["overall_speedup"] for s in compared], label="overall")
-    axes[1, 0].set(title="speedup of sparse over dense (same batch)", xlabel="step")
+    for key, label in zip(SPEEDUPS, ("backward x dense", "overall x dense", "backward x BPTT", "overall x BPTT")):
+        compared = [s for s in steps if key in s]
+        axes[1, 0].plot([s["step"] for s in compared], [s[key] for s in compared], label=label)
+    axes[1, 0].set(title="speedup of the sparse step (same batch)", xlabel="step", yscale="log")
     axes[1, 0].legend()
     for i in range(len(steps[0]["active_fraction"]) if steps else 0):
         axes[1, 1].plot(x, [100 * s["active_fraction"][i] for s in steps], label=f"layer {i + 1}")
@@ -425,6 +443,11 @@ def backward_synops(model: SNN) -> tuple[int, int]:
             sparse += 2 * nnz * layer.out_features
         previous_nnz = nnz
     return dense, sparse
+
+
+#: the speedups a compared step records: the sparse path's backward and overall (forward + backward)
+#: over the engine's dense path and over the autograd BPTT of the same network, same weights and batch
+SPEEDUPS = ("backward_speedup", "overall_speedup", "bptt_backward_speedup", "bptt_overall_speedup")
 
 
 def _median(values):
@@ -657,8 +680,7 @@ def _epoch_entry(run: _Run, tally: _EpochTally) -> dict:
         "data_s": tally.data_s,
         "compare_s": tally.compare_s,
         "wall_s": time.perf_counter() - tally.started,
-        "backward_speedup": _median(s.get("backward_speedup") for s in epoch_steps),
-        "overall_speedup": _median(s.get("overall_speedup") for s in epoch_steps),
+        **{key: _median(s.get(key) for s in epoch_steps) for key in SPEEDUPS},
         "backward_synops_saved": statistics.mean(s["backward_synops_saved"] for s in epoch_steps),
     }
 
@@ -670,7 +692,9 @@ def _log_epoch(run: _Run, entry: dict) -> None:
     with open(run.run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
     speed = "" if entry["backward_speedup"] is None else (
-        f"  bwd x{entry['backward_speedup']:.1f}  all x{entry['overall_speedup']:.2f}")
+        f"  bwd x{entry['backward_speedup']:.1f}  all x{entry['overall_speedup']:.2f} (dense path)")
+    if entry.get("bptt_backward_speedup") is not None:
+        speed += f"  bwd x{entry['bptt_backward_speedup']:.1f}  all x{entry['bptt_overall_speedup']:.2f} (BPTT)"
     print(
         f"epoch {entry['epoch']:3d}  train {100 * entry['train_accuracy']:5.1f}%  "
         f"test {100 * entry['test_accuracy']:5.2f}%  loss {entry['train_loss']:.3f}  "
@@ -724,8 +748,7 @@ def _summary(run: _Run) -> dict:
         "epochs": len(epoch_log),
         "test_accuracy": epoch_log[-1]["test_accuracy"] if epoch_log else None,
         "best_test_accuracy": max(e["test_accuracy"] for e in epoch_log) if epoch_log else None,
-        "backward_speedup": _median(e["backward_speedup"] for e in epoch_log),
-        "overall_speedup": _median(e["overall_speedup"] for e in epoch_log),
+        **{key: _median(e.get(key) for e in epoch_log) for key in SPEEDUPS},
         "active_fraction": epoch_log[-1]["active_fraction"] if epoch_log else None,
         "backward_synops_saved": epoch_log[-1]["backward_synops_saved"] if epoch_log else None,
         "wall_s": sum(e.get("wall_s", 0.0) for e in epoch_log),
