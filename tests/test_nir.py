@@ -461,3 +461,55 @@ def test_a_missing_nir_package_says_what_to_install(monkeypatch):
     for call in (lambda: ztriton.to_nir(model), lambda: ztriton.from_nir("net.nir")):
         with pytest.raises(ImportError, match=r'pip install nir \(or pip install "ztriton\[interop\]"\)'):
             call()
+
+
+# --- other tools' importers --------------------------------------------------------------------------------
+
+
+def _peer_spikes(net, x, kinds):
+    """Each neuron module's spikes over the steps of `x`, run step by step as nirtorch's modules are."""
+    spikes = {}
+    for name, module in net.named_modules():
+        if type(module).__name__ in kinds:
+            module.register_forward_hook(lambda m, i, o, name=name: spikes.setdefault(name, []).append(
+                (o[0] if isinstance(o, tuple) else o).detach().double().clone()))
+    state = None
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            _, state = net(x[t], state)
+    return [torch.stack(spikes[name]).numpy() for name in sorted(spikes)]
+
+
+def _peer_graph(tmp_path, case, dtype):
+    """A graph they can read (uniform thresholds, reset to zero, dt 1e-4, no LI), through a file."""
+    model, x = _network(case, readout=False, dtype=dtype)
+    nir.write(tmp_path / "net.nir", to_nir(model))
+    return model, x, tmp_path / "net.nir"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_snntorch_reads_our_feed_forward_graphs_spike_for_spike(tmp_path, dtype, capsys):
+    pytest.importorskip("nirtorch")
+    import_nir = pytest.importorskip("snntorch.import_nir")
+    model, x, path = _peer_graph(tmp_path, "zero", dtype)
+    net = import_nir.import_from_nir(nir.read(path))  # float32 modules (torch.Tensor of the arrays)
+    theirs = _peer_spikes(net, x.float(), ("Leaky",))
+    ours = _engine(model, x)
+    assert len(theirs) == 2 and all(s.sum() > 500 for s in ours)
+    for mine, yours in zip(ours, theirs):
+        assert np.array_equal(mine, yours)
+
+
+@pytest.mark.parametrize("case", ["zero", "recurrent-zero"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spikingjelly_reads_our_graphs_spike_for_spike(tmp_path, case, dtype):
+    pytest.importorskip("nirtorch")
+    pytest.importorskip("loguru")
+    sj = pytest.importorskip("spikingjelly.activation_based.nir_exchange.from_nir")
+    model, x, path = _peer_graph(tmp_path, case, dtype)
+    net = sj.import_from_nir(path, dt=1e-4, dtype=dtype, step_mode="s")  # single step: the graph has cycles
+    theirs = _peer_spikes(net, x, ("_NIRStatefulModule",))
+    ours = _engine(model, x)
+    assert len(theirs) == 2 and all(s.sum() > 500 for s in ours)
+    for mine, yours in zip(ours, theirs):
+        assert np.array_equal(mine, yours)
