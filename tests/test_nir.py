@@ -495,12 +495,12 @@ def test_snntorch_reads_our_feed_forward_graphs_spike_for_spike(tmp_path, dtype,
     net = import_nir.import_from_nir(nir.read(path))  # float32 modules (torch.Tensor of the arrays)
     theirs = _peer_spikes(net, x.float(), ("Leaky",))
     ours = _engine(model, x)
-    assert len(theirs) == 2 and all(s.sum() > 500 for s in ours)
+    assert len(theirs) == 2 and all(s.sum() > 200 for s in ours)
     for mine, yours in zip(ours, theirs):
         assert np.array_equal(mine, yours)
 
 
-@pytest.mark.parametrize("case", ["zero", "recurrent-zero"])
+@pytest.mark.parametrize("case", ["zero", "recurrent-zero", "if-zero"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_spikingjelly_reads_our_graphs_spike_for_spike(tmp_path, case, dtype):
     pytest.importorskip("nirtorch")
@@ -510,6 +510,6 @@ def test_spikingjelly_reads_our_graphs_spike_for_spike(tmp_path, case, dtype):
     net = sj.import_from_nir(path, dt=1e-4, dtype=dtype, step_mode="s")  # single step: the graph has cycles
     theirs = _peer_spikes(net, x, ("_NIRStatefulModule",))
     ours = _engine(model, x)
-    assert len(theirs) == 2 and all(s.sum() > 500 for s in ours)
+    assert len(theirs) == 2 and all(s.sum() > 200 for s in ours)
     for mine, yours in zip(ours, theirs):
         assert np.array_equal(mine, yours)

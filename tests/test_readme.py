@@ -50,8 +50,8 @@ def expected_prints(block: str) -> list[list[tuple[str, str]]]:
 
 
 def test_the_readme_has_its_examples():
-    assert len(BLOCKS) == 4
-    assert [len(expected_prints(block)) for block in BLOCKS] == [2, 1, 1, 1]
+    assert len(BLOCKS) == 5
+    assert [len(expected_prints(block)) for block in BLOCKS] == [2, 1, 1, 1, 2]
 
 
 def test_figures_are_compared_to_the_stated_digits():

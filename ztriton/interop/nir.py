@@ -79,7 +79,8 @@ def _layers(model: nn.Module) -> list[nn.Module]:
             raise ValueError(f"layer {i} is a LeakyReadout before the last layer: its output is a membrane trace, "
                              f"not spikes, and only the network's output may be one")
         if i and layer.in_features != layers[i - 1].out_features:
-            raise ValueError(f"layer {i} takes {layer.in_features} inputs but layer {i - 1} gives {layers[i - 1].out_features}")
+            raise ValueError(f"layer {i} takes {layer.in_features} inputs but layer {i - 1} gives "
+                             f"{layers[i - 1].out_features}")
     return layers
 
 
@@ -158,7 +159,8 @@ def to_nir(model: nn.Module, dt: float = DEFAULT_DT, subtract_reset: str = "erro
     dt = positive_float("dt", dt)
     subtract_reset = choice("subtract_reset", subtract_reset, SUBTRACT_RESETS)
     layers = _layers(model)
-    subtractive = [i for i, layer in enumerate(layers) if isinstance(layer, SparseLIFLinear) and layer.reset == "subtract"]
+    subtractive = [i for i, layer in enumerate(layers)
+                   if isinstance(layer, SparseLIFLinear) and layer.reset == "subtract"]
     if subtractive and subtract_reset == "error":
         raise ValueError(
             f"layer {subtractive[0]} has reset='subtract' (eq. 1), which NIR's LIF cannot express (it resets to "
@@ -449,7 +451,7 @@ def _build(spec: dict, n_in: int, dtype: torch.dtype, options: dict) -> nn.Modul
             layer.bias.copy_(_tensor(spec["bias"]))
         if spec.get("recurrent") is not None:
             layer.recurrent_weight.copy_(_tensor(spec["recurrent"]))
-    if learn_beta and carried:  # the exported logit itself (in its dtype): sigmoid of it is the exported beta bit for bit
+    if learn_beta and carried:  # the exported logit in its dtype: its sigmoid is the exported beta bit for bit
         dtype_name = str(meta.get("beta_logit_dtype", "float64"))
         layer.beta_logit = nn.Parameter(torch.tensor(float(logit), dtype=getattr(torch, dtype_name)))
     if spec["kind"] == "hidden":  # the exported values in their own dtype (float64 for a buffer, as a new layer's)
