@@ -128,10 +128,10 @@ def _hidden_nodes(nir, layer: SparseLIFLinear, i: int, dt: float, subtract_reset
     return nodes, edges, entry, spikes
 
 
-def _synapse(nir, layer, meta: dict | None = None):
+def _synapse(nir, layer):
     if layer.bias is None:
-        return nir.Linear(weight=_array(layer.weight), metadata=meta or {})
-    return nir.Affine(weight=_array(layer.weight), bias=_array(layer.bias), metadata=meta or {})
+        return nir.Linear(weight=_array(layer.weight))
+    return nir.Affine(weight=_array(layer.weight), bias=_array(layer.bias))
 
 
 def to_nir(model: nn.Module, dt: float = DEFAULT_DT, subtract_reset: str = "error"):
@@ -180,17 +180,16 @@ def to_nir(model: nn.Module, dt: float = DEFAULT_DT, subtract_reset: str = "erro
                              f"((1 - beta) W s); NIR's LI cannot hold tau = inf")
     nodes = {"input": nir.Input(input_type={"input": np.array([layers[0].in_features])})}
     edges, previous = [], "input"
-    for i, layer in enumerate(layers, start=1):
+    for i, layer in enumerate(layers):  # node names carry the layer's index in the model
+        nodes[f"linear_{i}"] = _synapse(nir, layer)
         if isinstance(layer, SparseLIFLinear):
             layer_nodes, layer_edges, entry, previous_next = _hidden_nodes(nir, layer, i, dt, subtract_reset)
-            nodes[f"linear_{i}"] = _synapse(nir, layer)
         else:
             n, beta = layer.out_features, layer.beta
             entry = previous_next = "readout"
             layer_nodes = {entry: nir.LI(tau=np.full(n, dt / (1.0 - beta)), r=np.ones(n), v_leak=np.zeros(n),
                                          metadata={"ztriton": _leak_metadata(layer)})}
             layer_edges = []
-            nodes[f"linear_{i}"] = _synapse(nir, layer)
         nodes.update(layer_nodes)
         edges += [(previous, f"linear_{i}"), (f"linear_{i}", entry)] + layer_edges
         previous = previous_next
