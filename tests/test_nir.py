@@ -514,3 +514,27 @@ def test_the_carried_beta_undoes_the_ulp_that_tau_loses():
     assert from_nir(graph)[0].beta == beta
     graph.nodes["lif_0"].metadata = {}
     assert from_nir(graph)[0].beta == 1 - 1e-4 / tau
+
+
+@pytest.mark.parametrize("case", ["plain", "learnt-subtract", "per-neuron-threshold"])
+def test_the_round_trip_of_a_float32_network_is_exact(case, tmp_path):
+    """As built in the default dtype: float32 weights and logits, the fixed threshold a float64 buffer
+    (0.8 stays 0.8): each comes back in its own dtype with its own bits."""
+    model, x = _network(case)
+    model = nn.Sequential(*[_as_built_in_float32(layer) for layer in model])
+    nir.write(tmp_path / "net.nir", to_nir(model, subtract_reset="exact"))
+    back = from_nir(tmp_path / "net.nir")
+    for ours, theirs in zip(model, back):
+        mine, yours = ours.state_dict(), theirs.state_dict()
+        for key in mine:
+            assert mine[key].dtype == yours[key].dtype and torch.equal(mine[key], yours[key]), key
+    for ours, theirs in zip(_engine(model, x.float()), _engine(back, x.float())):
+        assert np.array_equal(ours, theirs)
+
+
+def _as_built_in_float32(layer):
+    threshold = getattr(layer, "threshold", None)
+    layer.float()
+    if threshold is not None and not isinstance(threshold, nn.Parameter):
+        layer.threshold = threshold  # the float64 buffer a new float32 layer holds
+    return layer
