@@ -398,6 +398,10 @@ def test_graphs_without_a_ztriton_layer_are_refused_naming_the_node():
     branch.nodes["other"] = nir.Linear(weight=np.ones((n, 6)))
     branch.edges.append(("input", "other"))
     _refused(branch, r"'input' \(Input\): it has 2 successors")
+    bare = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([n])}), "neuron": nir.LIF(**lif),
+                               "output": nir.Output(output_type={"output": np.array([n])})},
+                        edges=[("input", "neuron"), ("neuron", "output")])
+    _refused(bare, r"'neuron' \(LIF\): from_nir expects a Linear or Affine node \(a layer's synapses\) after 'input'")
     with pytest.raises(TypeError, match="graph_or_path must be a nir.NIRGraph or a file path"):
         from_nir(42)
     with pytest.raises(TypeError, match=r"unknown options \['beta'\]"):

@@ -291,9 +291,9 @@ class _Chain:
             self.succ[a].append(b)
             self.pred[b].append(a)
         for name, node in self.nodes.items():
-            if type(node).__name__ in ("CubaLIF", "CubaLI"):
+            if isinstance(node, (nir.CubaLIF, nir.CubaLI)):
                 _refuse(name, node, "a current-based synapse (tau_syn) has no ztriton layer")
-            if type(node).__name__ == "Delay":
+            if isinstance(node, nir.Delay):
                 _refuse(name, node, "ztriton layers have no axonal delay")
 
     def only(self, names: list[str], of: str, what: str) -> str:
@@ -403,6 +403,9 @@ def _read_chain(chain: _Chain, dt: float) -> list[dict]:
         if following == outputs[0]:
             break
         synapse = following
+        if not isinstance(chain.nodes[synapse], (nir.Linear, nir.Affine)):
+            _refuse(synapse, chain.nodes[synapse], f"from_nir expects a Linear or Affine node (a layer's synapses) "
+                                                   f"after {previous!r}")
         if synapse in seen or chain.pred[synapse] != [previous]:
             _refuse(synapse, chain.nodes[synapse], f"a layer's synapse must take only {previous!r}'s output")
         seen.add(synapse)
