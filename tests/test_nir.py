@@ -542,3 +542,63 @@ def _as_built_in_float32(layer):
     if threshold is not None and not isinstance(threshold, nn.Parameter):
         layer.threshold = threshold  # the float64 buffer a new float32 layer holds
     return layer
+
+
+def _stepped(modules, x):
+    """A peer network run one step at a time: each module's output over the steps."""
+    outs = [[] for _ in modules]
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            h = x[t]
+            for k, module in enumerate(modules):
+                h = module(h)
+                outs[k].append(h)
+    return [torch.stack(o) for o in outs]
+
+
+def test_a_graph_snntorch_wrote_imports_spike_for_spike(tmp_path):
+    """snntorch's export of Linear -> Leaky(reset "zero", no reset delay) -> Linear -> Leaky (per-neuron
+    parameter tensors: scalars break NIR's type inference) reads back as two reset-to-zero layers
+    with snntorch's float32 leaks, and their spikes are snntorch's."""
+    pytest.importorskip("nirtorch")
+    snn = pytest.importorskip("snntorch")
+    from snntorch.export_nir import export_to_nir
+
+    torch.manual_seed(0)
+    leaky = lambda beta, theta, n: snn.Leaky(beta=torch.full((n,), beta), threshold=torch.full((n,), theta),  # noqa: E731
+                                             reset_mechanism="zero", reset_delay=False, init_hidden=True)
+    net = nn.Sequential(nn.Linear(6, 8), leaky(0.93, 0.5, 8), nn.Linear(8, 4, bias=False), leaky(0.8, 0.7, 4))
+    nir.write(tmp_path / "snn.nir", export_to_nir(net, torch.zeros(6)))
+    ours = from_nir(tmp_path / "snn.nir")
+    assert [layer.beta for layer in ours] == [float(net[1].beta[0]), float(net[3].beta[0])]
+    x = torch.randn(STEPS, BATCH, 6) * 0.5 + 0.3
+    theirs = _stepped(net, x)
+    mine = _engine(ours, x)
+    assert theirs[1].sum() > 100 and theirs[3].sum() > 20
+    assert np.array_equal(mine[0], theirs[1].numpy()) and np.array_equal(mine[1], theirs[3].numpy())
+
+
+@pytest.mark.parametrize("decay_input", [False, True])
+def test_a_graph_spikingjelly_wrote_imports_spike_for_spike(decay_input):
+    """spikingjelly's export of LIFNode(v_reset=0): r = tau/dt (decay_input=False) is a unit gain,
+    r = 1 (decay_input=True) a gain 1/tau folded into the weights."""
+    pytest.importorskip("nirtorch")
+    pytest.importorskip("loguru")
+    sj = pytest.importorskip("spikingjelly.activation_based")
+    from spikingjelly.activation_based.nir_exchange.to_nir import export_to_nir
+
+    torch.manual_seed(0)
+    lif = lambda tau, theta: sj.neuron.LIFNode(tau=tau, decay_input=decay_input, v_reset=0.0, v_threshold=theta)  # noqa: E731
+    net = nn.Sequential(sj.layer.Linear(6, 8), lif(1 / 0.07, 0.5), sj.layer.Linear(8, 4, bias=False), lif(5.0, 0.7))
+    net = net.double()
+    if decay_input:  # its input current is divided by tau: stronger synapses keep both layers firing
+        with torch.no_grad():
+            net[0].weight.mul_(10)
+            net[2].weight.mul_(8)
+    ours = from_nir(export_to_nir(net, torch.zeros(1, 6, dtype=torch.float64), dt=1e-4))
+    assert [layer.beta for layer in ours] == pytest.approx([0.93, 0.8], rel=1e-15)
+    x = torch.randn(STEPS, BATCH, 6, dtype=torch.float64) * 0.5 + 0.3
+    theirs = _stepped(net, x)
+    mine = _engine(ours, x)
+    assert theirs[1].sum() > 100 and theirs[3].sum() > 20
+    assert np.array_equal(mine[0], theirs[1].numpy()) and np.array_equal(mine[1], theirs[3].numpy())
