@@ -602,3 +602,15 @@ def test_a_graph_spikingjelly_wrote_imports_spike_for_spike(decay_input):
     mine = _engine(ours, x)
     assert theirs[1].sum() > 100 and theirs[3].sum() > 20
     assert np.array_equal(mine[0], theirs[1].numpy()) and np.array_equal(mine[1], theirs[3].numpy())
+
+
+def test_an_imported_network_takes_training_options_and_trains():
+    """from_nir's options reach the layers; the restored learnt leak and threshold get gradients."""
+    model, x = _network("learnt-subtract")
+    back = from_nir(to_nir(model, subtract_reset="exact"), grad="surrogate", delta=0.3, backend="torch")
+    assert [layer.rule.grad for layer in back[:2]] == ["surrogate", "surrogate"] and back[0].rule.delta == 0.3
+    assert [layer.backend for layer in back] == ["torch"] * 3
+    back(x).amax(0).sum().backward()
+    for name, parameter in back.named_parameters():
+        assert parameter.grad is not None and bool(torch.isfinite(parameter.grad).all()), name
+    assert float(back[1].beta_logit.grad) != 0 and float(back[1].threshold.grad.abs().sum()) > 0
