@@ -556,6 +556,7 @@ def _stepped(modules, x):
     return [torch.stack(o) for o in outs]
 
 
+@pytest.mark.filterwarnings("ignore:nirtorch.extract_nir_graph is being deprecated:DeprecationWarning")
 def test_a_graph_snntorch_wrote_imports_spike_for_spike(tmp_path):
     """snntorch's export of Linear -> Leaky(reset "zero", no reset delay) -> Linear -> Leaky (per-neuron
     parameter tensors: scalars break NIR's type inference) reads back as two reset-to-zero layers
