@@ -85,8 +85,11 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
-    """A parameter's values as a numpy array of its own dtype (exact)."""
-    return tensor.detach().cpu().numpy().copy()
+    """A parameter's values as a numpy array of its own dtype (float32 for half precisions: exact)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.float()
+    return tensor.numpy().copy()
 
 
 def _leak_metadata(layer) -> dict:
