@@ -20,7 +20,7 @@ ORDER = [
     "ztriton.backends.triton_backend", "ztriton.backends",
     "ztriton.ops.common", "ztriton.ops.leaky_readout", "ztriton.ops.lif_linear", "ztriton.ops.lif_family",
     "ztriton.ops",
-    "ztriton.layers", "ztriton.init", "ztriton.calibration",
+    "ztriton.layers", "ztriton.init", "ztriton.interop.nir", "ztriton.interop", "ztriton.calibration",
     "ztriton.bptt", "ztriton.train", "ztriton.compare", "ztriton.cli", "ztriton.__main__", "ztriton",
 ]
 

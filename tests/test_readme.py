@@ -19,6 +19,8 @@ import pytest
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 VALUE = r"'[^']*'|-?\d+(?:\.\d+)?(?:e-?\d+)?"
+#: packages of the interop extra (and spikingjelly): a block importing one is skipped without it
+OPTIONAL = ("nir", "snntorch", "spikingjelly")
 
 
 def stated_figures(comment: str) -> list[tuple[str, str]]:
@@ -50,8 +52,8 @@ def expected_prints(block: str) -> list[list[tuple[str, str]]]:
 
 
 def test_the_readme_has_its_examples():
-    assert len(BLOCKS) == 4
-    assert [len(expected_prints(block)) for block in BLOCKS] == [2, 1, 1, 1]
+    assert len(BLOCKS) == 5
+    assert [len(expected_prints(block)) for block in BLOCKS] == [2, 1, 1, 1, 2]
 
 
 def test_figures_are_compared_to_the_stated_digits():
@@ -69,6 +71,9 @@ def test_figures_are_compared_to_the_stated_digits():
 @pytest.mark.filterwarnings("ignore::ztriton.SilentLayerWarning")
 @pytest.mark.parametrize("number", range(len(BLOCKS)))
 def test_readme_example_prints_its_stated_figures(number, capsys):
+    for optional in OPTIONAL:  # the examples of the interop extra need its packages
+        if re.search(rf"^(import|from) {optional}\b", BLOCKS[number], flags=re.M):
+            pytest.importorskip(optional)
     exec(compile(BLOCKS[number], f"README block {number}", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
     expected = expected_prints(BLOCKS[number])

@@ -9,6 +9,7 @@ from .distributions import (
 from .functional import localzo_spike, sparsegrad_spike, spike_count, surrogate_spike
 from .layers import BackendFallbackWarning, LeakyReadout, SilentLayerWarning, SparseLIFLinear
 from .calibration import calibrate
+from .interop import from_nir, to_nir
 from .scheduler import Scheduler
 
 __version__ = "0.1.0"
@@ -22,10 +23,12 @@ __all__ = [
     "SparseLIFLinear",
     "calibrate",
     "distribution_from_surrogate",
+    "from_nir",
     "get_distribution",
     "localzo_spike",
     "set_value_checks",
     "sparsegrad_spike",
     "spike_count",
     "surrogate_spike",
+    "to_nir",
 ]

@@ -1,5 +1,5 @@
-"""Command line: `ztriton train` (the paper's networks), `ztriton compare` (its Table 3) and `ztriton calibrate`
-(the scheduler's crossover)."""
+"""Command line: `ztriton train` (the paper's networks), `ztriton compare` (its Table 3), `ztriton calibrate`
+(the scheduler's crossover) and `ztriton export` (a run's network as a NIR graph)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .data import DataError
+from .interop.nir import DEFAULT_DT, SUBTRACT_RESETS
 from .layers import RESETS
 from .train import PRESETS, Config, Interrupted, train
 
@@ -131,6 +132,22 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .interop.nir import to_nir
+    from .train import load_model
+
+    target = Path(args.nir)
+    if target.exists():
+        raise DataError(f"--nir {target} exists already; choose another file (nothing was written)")
+    graph = to_nir(load_model(args.run_dir), dt=args.dt, subtract_reset=args.subtract_reset)
+    import nir  # to_nir has imported it
+
+    nir.write(target, graph)
+    print(f"wrote {target}: {len(graph.nodes)} nodes, {len(graph.edges)} edges, dt {args.dt:g} s, "
+          f"subtract_reset {args.subtract_reset}")
+    return 0
+
+
 def _name_the_option(message: str, parser: argparse.ArgumentParser) -> str:
     """Prefix a configuration error ("lr must be ...") with the option it concerns ("--lr: ...")."""
     field = message.split(" ", 1)[0]
@@ -202,12 +219,23 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backend", choices=["auto", "torch", "native", "triton"], default="auto",
                    help="the kernels to calibrate")
     c.add_argument("--repeats", type=int, default=7, help="timed backwards per path and activity")
+    e = sub.add_parser("export", help="write a run's network as a NIR graph (needs pip install nir)",
+                       formatter_class=formatter)
+    e.add_argument("run_dir", metavar="RUN_DIR", help="run folder of ztriton train (config.json, checkpoint.pt)")
+    e.add_argument("--nir", required=True, metavar="FILE", help="the NIR file to write (nir.write, HDF5)")
+    e.add_argument("--subtract-reset", choices=list(SUBTRACT_RESETS), default="error",
+                   help="how layers with reset=subtract are written: refuse (error), as NIR's exact LI -> Threshold -> "
+                        "-threshold feedback (exact), or as LIF nodes that reset to zero, another network (as_zero)")
+    e.add_argument("--dt", type=float, default=DEFAULT_DT,
+                   help="seconds per step (1e-4: what snntorch's importer assumes)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return _train(args, _given_flags(t, argv))
+        if args.command == "export":
+            return _export(args)
         return _compare(args) if args.command == "compare" else _calibrate(args)
-    except (DataError, ValueError, TypeError) as err:
-        message = _name_the_option(str(err), {"train": t, "compare": k, "calibrate": c}[args.command])
+    except (DataError, ValueError, TypeError, ImportError) as err:
+        message = _name_the_option(str(err), {"train": t, "compare": k, "calibrate": c, "export": e}[args.command])
         print(f"ztriton: error: {message}", file=sys.stderr)
         return 2

@@ -186,6 +186,20 @@ class SNN(nn.Module):
         return logits, spikes
 
 
+def load_model(run_dir) -> SNN:
+    """The network of a run folder (its config.json and checkpoint.pt) on the CPU, in eval mode; its
+    sizes are read from the checkpoint, so no data set is loaded."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.json").exists():
+        raise DataError(f"{run_dir}: no checkpoint.pt and config.json there")
+    cfg = Config(**json.loads((run_dir / "config.json").read_text())).resolved()
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False, map_location="cpu")["model"]
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten by the checkpoint
+        model = SNN(state["hidden.0.weight"].shape[1], state["readout.weight"].shape[0], cfg)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over processes; its gradient is the sum of the processes' gradients (as every process's
     loss uses the sum)."""
@@ -765,4 +779,4 @@ def _write_summary(run: _Run, summary: dict) -> None:
             plot_run(run.run_dir, run.steps, run.epochs)
 
 
-__all__ = ["Config", "Interrupted", "SNN", "train", "DataError", "PRESETS"]
+__all__ = ["Config", "Interrupted", "SNN", "train", "load_model", "DataError", "PRESETS"]
