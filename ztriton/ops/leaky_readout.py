@@ -11,7 +11,7 @@ import torch
 from ..backends import Backend, Workspace, compute_dtype
 from ..events import dense
 from ..sparse import producer_of
-from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
+from .common import eager_under_compile, input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
 
 
 class LeakyReadoutFunction(torch.autograd.Function):
@@ -42,6 +42,7 @@ class LeakyReadoutFunction(torch.autograd.Function):
         return out.to(weight.dtype)
 
     @staticmethod
+    @eager_under_compile
     @without_autocast
     def backward(ctx, grad_out):
         refuse_double_backward("LeakyReadout")

@@ -22,7 +22,7 @@ from ..backends import Backend, LIFConfig, Workspace, compute_dtype
 from ..events import call_input, dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
-from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
+from .common import eager_under_compile, input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class LIFFunction(torch.autograd.Function):
         return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), ops, active)
 
     @staticmethod
+    @eager_under_compile
     @without_autocast
     def backward(ctx, grad_spikes, _stats):
         refuse_double_backward("SparseLIFLinear")
