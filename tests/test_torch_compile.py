@@ -1,7 +1,7 @@
 """torch.compile on ztriton networks gives the eager results: the same spikes, the same gradients.
 
 The layers' forwards and their autograd Functions' backwards sit behind `torch.compiler.disable`
-(`ztriton.ops.common.eager_under_compile`): torch.compile runs them eagerly, so the LocalZO key is
+(`ztriton.boundary.eager_under_compile`): torch.compile runs them eagerly, so the LocalZO key is
 drawn from torch's generator as in eager mode, and compiles the code around them (here the loss).
 Networks in float64; a compiled `loss.backward()` takes the loss's gradient from inductor's
 backward graph, which may differ from eager in the last bits, hence rtol 1e-10 there; where the
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ztriton import LeakyReadout, SparseLIFLinear, native
-from ztriton.ops.common import EAGER_UNDER_COMPILE
+from ztriton.boundary import EAGER_UNDER_COMPILE
 
 BACKENDS = ["torch"] + (["native"] if native.AVAILABLE else [])
 #: the LIF family's options, one set per case in turn (the plain model first)

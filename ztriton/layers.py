@@ -11,10 +11,10 @@ from torch import nn
 
 from . import backends, native, rng
 from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval, value_checks
+from .boundary import eager_under_compile
 from .distributions import Distribution, resolve
 from .events import cached_events
 from .ops import LeakyReadoutFunction, LIFFamilyFunction, LIFFunction, PathPolicy
-from .ops.common import eager_under_compile
 from .scheduler import DEFAULT_SCHEDULER, Scheduler
 from .sparse import mark_producer
 

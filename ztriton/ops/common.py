@@ -10,24 +10,6 @@ from ..backends import Backend, Workspace, compute_dtype, dispatch
 from ..sparse import ActiveSet, sparse_grad
 
 
-#: why torch.compile runs the layers and their backwards eagerly (one graph break per layer; fullgraph=True
-#: raises with this reason)
-EAGER_UNDER_COMPILE = (
-    "ztriton's SparseLIFLinear and LeakyReadout run eagerly under torch.compile, forward and backward: the "
-    "LocalZO RNG key must come from torch's generator outside the graph (inductor's random numbers differ "
-    "from eager), the path is chosen from the measured activity, the active sets have data-dependent sizes, "
-    "inputs and gradients may be sparse COO tensors (which torch.compile does not support) and the kernels "
-    "are numba / Triton calls; compile with fullgraph=False (the default): the code around the layers compiles")
-
-
-def eager_under_compile(function):
-    """`function` behind a `torch.compiler.disable` boundary: torch.compile runs it eagerly (a graph
-    break where a compiled frame calls it; every frame it calls stays eager too) and compiles the
-    code around it. On the layers' forwards and the Functions' backwards (which the autograd engine
-    calls from a compiled frame's `loss.backward()`)."""
-    return torch.compiler.disable(function, reason=EAGER_UNDER_COMPILE)
-
-
 def without_autocast(method):
     """Run a Function's forward or backward with autocast off on its tensors' device type.
 

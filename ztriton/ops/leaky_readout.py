@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..backends import Backend, Workspace, compute_dtype
+from ..boundary import eager_under_compile
 from ..events import dense
 from ..sparse import producer_of
-from .common import eager_under_compile, input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
+from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
 
 
 class LeakyReadoutFunction(torch.autograd.Function):

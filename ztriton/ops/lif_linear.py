@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import Backend, LIFConfig, Workspace, compute_dtype
+from ..boundary import eager_under_compile
 from ..events import call_input, dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
-from .common import eager_under_compile, input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
+from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
 
 
 @dataclass(frozen=True)
