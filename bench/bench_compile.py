@@ -8,7 +8,8 @@ rounds after a warm-up; the first compiled call is timed apart (compile time). E
 result is checked against the eager one (spikes equal, gradients to float32 tolerance). Input as
 the data sets deliver it (events, a sparse COO tensor) and, with --dense-input, as a dense tensor.
 Last, the eager cost of the compile boundary (`ztriton.boundary.eager_under_compile`): the
-eager step with and without it (the undecorated functions swapped in), interleaved.
+eager step with and without it (the undecorated functions swapped in), interleaved, and per call
+(a no-op function with and without it, 100,000 calls, interleaved).
 
     python bench/bench_compile.py                  # about a minute on 2 cores
     python bench/bench_compile.py --dense-input --repeats 20
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ztriton import LeakyReadout, SparseLIFLinear
+from ztriton.boundary import eager_under_compile
 from ztriton.data import load_mnist5k
 from ztriton.init import scale_to_activity
 from ztriton.ops import LeakyReadoutFunction, LIFFamilyFunction, LIFFunction
@@ -75,6 +77,21 @@ def summary(name: str, times: list[float]) -> str:
     return f"{name:<28} median {statistics.median(ms):7.1f} ms   range {ms[0]:.1f}-{ms[-1]:.1f} ms"
 
 
+def per_call_us(calls: int = 100_000, rounds: int = 5) -> tuple[list[float], list[float]]:
+    """Microseconds per call of a no-op function, bare and behind the boundary, interleaved."""
+    def noop(x):
+        return x
+
+    bounded, out = eager_under_compile(noop), ([], [])
+    for _ in range(rounds):
+        for function, times in ((noop, out[0]), (bounded, out[1])):
+            start = time.perf_counter()
+            for _ in range(calls):
+                function(None)
+            times.append(1e6 * (time.perf_counter() - start) / calls)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
@@ -119,6 +136,9 @@ def main(argv=None) -> None:
         swap(functions, unwrap=False)
     print(summary("eager, with the boundary", with_boundary))
     print(summary("eager, without it", bare))
+    bare_us, bounded_us = per_call_us()
+    print(f"per call: no-op {min(bare_us):.2f}-{max(bare_us):.2f} us, behind the boundary "
+          f"{min(bounded_us):.2f}-{max(bounded_us):.2f} us (a step calls it 3 + 3 times)")
 
 
 if __name__ == "__main__":

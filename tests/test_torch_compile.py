@@ -6,7 +6,8 @@ drawn from torch's generator as in eager mode, and compiles the code around them
 Networks in float64; a compiled `loss.backward()` takes the loss's gradient from inductor's
 backward graph, which may differ from eager in the last bits, hence rtol 1e-10 there; where the
 backward runs outside the compiled code the gradients are bit-identical. No custom op is
-registered, so there is nothing for `torch.library.opcheck`.
+registered, so there is nothing for `torch.library.opcheck`. About 1.5 min on the shared 2-core
+machine (most of it the first inductor compile; later cases hit the FX graph cache).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def test_every_graph_break_is_a_layer_boundary():
 
     explanation = torch._dynamo.explain(forward)(net, x)
     assert explanation.graph_count == 4
-    assert explanation.graph_break_count == 3
+    assert explanation.graph_break_count == len(explanation.break_reasons) == 3
     assert all(EAGER_UNDER_COMPILE in str(reason.reason) for reason in explanation.break_reasons)
 
 
