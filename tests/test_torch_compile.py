@@ -95,6 +95,23 @@ def test_compiled_step_gives_the_eager_spikes_and_gradients(backend, grad, path,
         torch.testing.assert_close(compiled_grads[name], grad_value, rtol=1e-10, atol=1e-14, msg=name)
 
 
+def test_triton_backend_under_compile_gives_the_eager_spikes_and_gradients():
+    """One case on the Triton backend (the interpreter here, TRITON_INTERPRET=1; 15-35 s): a
+    recurrent, reset-to-zero, learnt-leak layer on the sparse path, float32, every op on Triton."""
+    pytest.importorskip("triton")
+    net = network("triton", "localzo", "sparse", {"recurrent": True, "reset": "zero", "learn_beta": True}).float()
+    x, target = batch()
+    x = x.float()
+    eager, eager_grads, eager_stats = run(train_step, net, x, target, seed=5)
+    compiled, compiled_grads, compiled_stats = run(torch.compile(train_step), net, x, target, seed=5)
+    assert set(eager_stats[1]["ops"].values()) == {"triton"}
+    assert compiled_stats == eager_stats
+    for e, c in zip(eager[:3], compiled[:3]):
+        assert torch.equal(e, c)
+    for name, grad_value in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad_value, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_steps_draw_a_fresh_localzo_key_each_call(backend):
     """Two compiled steps in a row = two eager steps in a row (the key is drawn per call from the
