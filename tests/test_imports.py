@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: lowest first; a module may import only modules listed before it
 ORDER = [
-    "ztriton._checks", "ztriton.counting", "ztriton.sparse", "ztriton.native",
+    "ztriton._checks", "ztriton.boundary", "ztriton.counting", "ztriton.sparse", "ztriton.native",
     "ztriton.kernels.time_filter", "ztriton.kernels.lif_forward", "ztriton.kernels.event_current",
     "ztriton.kernels.sparse_weight_grad", "ztriton.kernels.event_weight_grad", "ztriton.kernels.sparse_input_grad",
     "ztriton.kernels.lif_family_forward", "ztriton.kernels.lif_adjoint", "ztriton.kernels",

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import backends, native, rng
 from ._checks import choice, float_tensor, positive_float, positive_int, unit_interval, value_checks
+from .boundary import eager_under_compile
 from .distributions import Distribution, resolve
 from .events import cached_events
 from .ops import LeakyReadoutFunction, LIFFamilyFunction, LIFFunction, PathPolicy
@@ -295,6 +296,7 @@ class SparseLIFLinear(nn.Module):
         dtype and spike rule; a fallback to the torch backend warns, see `BackendFallbackWarning`)."""
         return _resolve(self, self.rule)
 
+    @eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.generator is not None and self.generator.device.type != self.weight.device.type:
             raise ValueError(f"generator is on {self.generator.device} but the layer's weights are on {self.weight.device}")
@@ -368,6 +370,7 @@ class LeakyReadout(nn.Module):
         self.stats: dict = {}
         self._warned_fallback = False
 
+    @eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features)
         backend = _resolve(self, None)

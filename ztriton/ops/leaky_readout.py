@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import Backend, Workspace, compute_dtype
+from ..boundary import eager_under_compile
 from ..events import dense
 from ..sparse import producer_of
 from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
@@ -42,6 +43,7 @@ class LeakyReadoutFunction(torch.autograd.Function):
         return out.to(weight.dtype)
 
     @staticmethod
+    @eager_under_compile
     @without_autocast
     def backward(ctx, grad_out):
         refuse_double_backward("LeakyReadout")

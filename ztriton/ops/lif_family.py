@@ -22,6 +22,7 @@ import torch
 
 from ..backends import Backend, LIFConfig, Workspace, compute_dtype
 from ..backends.lif_family import FamilyTraces
+from ..boundary import eager_under_compile
 from ..events import call_input, dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
@@ -95,6 +96,7 @@ class LIFFamilyFunction(torch.autograd.Function):
         return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), ops, active)
 
     @staticmethod
+    @eager_under_compile
     @without_autocast
     def backward(ctx, grad_spikes, _stats):
         refuse_double_backward("SparseLIFLinear")

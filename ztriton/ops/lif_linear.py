@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import Backend, LIFConfig, Workspace, compute_dtype
+from ..boundary import eager_under_compile
 from ..events import call_input, dense
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
@@ -95,6 +96,7 @@ class LIFFunction(torch.autograd.Function):
         return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), ops, active)
 
     @staticmethod
+    @eager_under_compile
     @without_autocast
     def backward(ctx, grad_spikes, _stats):
         refuse_double_backward("SparseLIFLinear")
