@@ -173,6 +173,38 @@ def test_every_graph_break_is_a_layer_boundary():
     assert all(EAGER_UNDER_COMPILE in str(reason.reason) for reason in explanation.break_reasons)
 
 
+def test_a_spike_count_regulariser_compiles_with_one_break_per_count():
+    """spike_count reads the producing layer's cached events: it runs eagerly (one break per call, the
+    stated reason) and its sparse gradient equals eager's."""
+    from ztriton import spike_count
+
+    x, _ = batch()
+
+    def step(net, x):
+        h1 = net[0](x)
+        h2 = net[1](h1)
+        loss = net[2](h2).amax(0).logsumexp(1).sum() + 0.1 * sum(spike_count(h).pow(2).mean() for h in (h1, h2))
+        loss.backward()
+        return loss
+
+    grads = []
+    for run in (step, torch.compile(step)):
+        net = network(path="sparse", seed=3)
+        torch.manual_seed(5)
+        run(net, x)
+        grads.append([p.grad for p in net.parameters()])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
+
+    def count(net, x):
+        h = net[0](x * 1.5)
+        return spike_count(h + 0.0).sum() * 2.0
+
+    explanation = torch._dynamo.explain(count)(network(), x)
+    assert explanation.graph_count == 3 and explanation.graph_break_count == 2
+    assert all(EAGER_UNDER_COMPILE in str(reason.reason) for reason in explanation.break_reasons)
+
+
 def test_fullgraph_raises_with_the_reason():
     net = network()
     x, _ = batch()

@@ -5,7 +5,8 @@ generator (inside a graph, inductor's own random numbers would differ from eager
 its path from the measured activity, keeps active sets of data-dependent size, takes and returns
 sparse COO tensors (events, sparse gradients between layers), which torch.compile does not
 support, and calls numba / Triton kernels. `eager_under_compile` puts a `torch.compiler.disable`
-boundary around such a function: dynamo breaks the graph there (one break per layer call), runs
+boundary around such a function (and around `spike_count`, which reads a layer's cached events):
+dynamo breaks the graph there (one break per call), runs
 it and everything it calls eagerly, and compiles the code around it.
 """
 
@@ -16,7 +17,7 @@ import torch
 #: why torch.compile runs the layers and their backwards eagerly (one graph break per layer; fullgraph=True
 #: raises with this reason)
 EAGER_UNDER_COMPILE = (
-    "ztriton's SparseLIFLinear and LeakyReadout run eagerly under torch.compile, forward and backward: the "
+    "ztriton's SparseLIFLinear, LeakyReadout and spike_count run eagerly under torch.compile, forward and backward: the "
     "LocalZO RNG key must come from torch's generator outside the graph (inductor's random numbers differ "
     "from eager), the path is chosen from the measured activity, the active sets have data-dependent sizes, "
     "inputs and gradients may be sparse COO tensors (which torch.compile does not support) and the kernels "

@@ -24,6 +24,7 @@ import torch
 
 from . import rng
 from ._checks import float_tensor, positive_float, positive_int
+from .boundary import eager_under_compile
 from .distributions import Distribution, resolve
 from .events import cached_events
 from .sparse import producer_of, sparse_grad
@@ -233,12 +234,14 @@ class _SpikeCount(torch.autograd.Function):
         return sparse_grad(ctx.producer, grad[b, n], ctx.dtype)
 
 
+@eager_under_compile
 def spike_count(spikes: torch.Tensor) -> torch.Tensor:
     """Spike count per sample and neuron, `spikes.sum(0)` of a (T, B, N) tensor, as (B, N).
 
     On the unmodified output of a sparse-path `SparseLIFLinear`, its gradient is a sparse COO
     tensor at that layer's active entries (the only ones its backward reads), so a spike-count
-    regulariser adds no dense (T, B, N) gradient; elsewhere it is the dense broadcast.
+    regulariser adds no dense (T, B, N) gradient; elsewhere it is the dense broadcast. Runs eagerly
+    under torch.compile (one graph break per call: its events have data-dependent sizes).
     """
     float_tensor("spikes", spikes, finite=False)
     if spikes.dim() != 3:
