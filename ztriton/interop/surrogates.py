@@ -112,7 +112,7 @@ class LocalZOSpikeGrad:
         return self._seeded[device]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        float_tensor("x", x, finite=value_checks(x.device))
+        float_tensor("x", x, finite=isinstance(x, torch.Tensor) and value_checks(x.device))
         if not (torch.is_grad_enabled() and x.requires_grad):
             return (x >= 0).to(x.dtype) if self.fire_at_zero else heaviside(x)
         generator = self._generator_for(x.device)
