@@ -156,7 +156,8 @@ def test_g_is_eq7_at_the_drawn_z_and_nonzero_only_at_active_entries(framework, n
     generator = torch.Generator().manual_seed(2024)
     replay = torch.Generator()
     replay.set_state(generator.get_state())
-    spikes = make_adapter(framework, delta=delta, m=m, dist=law, generator=generator)(x)
+    adapter = make_adapter(framework, delta=delta, m=m, dist=law, generator=generator)
+    spikes = adapter(x)
     positions, values = spikes.grad_fn.saved_tensors
     spikes.backward(grad_out)
     g = eq7_reference(x, delta, m, law, rng.next_key(replay, x.device))
@@ -167,6 +168,11 @@ def test_g_is_eq7_at_the_drawn_z_and_nonzero_only_at_active_entries(framework, n
     # stored sparse: the positions of the active entries and g there, nothing of x's size
     assert positions.shape == values.shape == (int(active.sum()),)
     assert torch.equal(positions, torch.nonzero(active.reshape(-1)).squeeze(1))
+    counts = adapter.estimator if framework == "spikingjelly" else adapter
+    assert (counts.drawn_entries, counts.active_entries) == (x.numel(), int(active.sum()))
+    assert counts.active_fraction == int(active.sum()) / x.numel()
+    counts.reset_counts()
+    assert (counts.drawn_entries, counts.active_entries, counts.active_fraction) == (0, 0, 0.0)
 
 
 def test_no_draw_is_made_without_a_gradient():
@@ -177,9 +183,9 @@ def test_no_draw_is_made_without_a_gradient():
     sg(x)
     with torch.no_grad():
         sg(x.requires_grad_())
-    assert torch.equal(generator.get_state(), state)
+    assert torch.equal(generator.get_state(), state) and sg.drawn_entries == 0
     sg(x)
-    assert not torch.equal(generator.get_state(), state)
+    assert not torch.equal(generator.get_state(), state) and sg.drawn_entries == 100
 
 
 # --- reproducible by seed ------------------------------------------------------------------------
@@ -250,6 +256,7 @@ def test_a_training_step_in_snntorch_gives_finite_sparse_gradients():
     assert float(net[0].weight.grad.abs().sum()) > 0
     optimizer.step()
     assert len(seen) == 40  # one per step: the detached reset calls receive no gradient
+    assert sg.drawn_entries == (40 + 39) * 32 * 64  # ... but draw (not at t = 0: init_leaky's mem has no grad)
     xs, grads = torch.cat([x for x, _ in seen]), torch.cat([g for _, g in seen])
     active = grads != 0
     assert not bool(active[xs.abs() >= delta * sg.law.abs_z_bound].any())

@@ -88,6 +88,9 @@ class LocalZOSpikeGrad:
     spike). z comes from `generator`, or from a private generator seeded with `seed` (one per
     device, made on first use), or else from the global generator of x's device. No draw is made
     when no gradient is needed (x does not require grad, or inside no_grad).
+
+    `drawn_entries` and `active_entries` count the entries of the calls that drew z and those of
+    them with g != 0 (`active_fraction` their ratio; `reset_counts()` sets both to 0).
     """
 
     def __init__(self, delta: float = 0.05, m: int = 1, dist: str | Distribution = "normal", *,
@@ -103,6 +106,16 @@ class LocalZOSpikeGrad:
         self.generator = generator
         self.fire_at_zero = fire_at_zero
         self._seeded: dict[torch.device, torch.Generator] = {}
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Set `drawn_entries` and `active_entries` to 0."""
+        self.drawn_entries = self.active_entries = 0
+
+    @property
+    def active_fraction(self) -> float:
+        """Fraction of the drawn entries with g != 0 (0.0 before any draw)."""
+        return self.active_entries / self.drawn_entries if self.drawn_entries else 0.0
 
     def _generator_for(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -119,6 +132,8 @@ class LocalZOSpikeGrad:
         _check_generator(generator, x)
         key = next_key(generator, x.device)
         positions, values = localzo_active(x.detach().abs().reshape(-1), self.delta, self.m, self.law, key)
+        self.drawn_entries += x.numel()
+        self.active_entries += positions.numel()
         return _SparseGradSpike.apply(x, positions, values, self.fire_at_zero)
 
     def __repr__(self) -> str:
