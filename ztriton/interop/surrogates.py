@@ -44,6 +44,11 @@ __all__ = ["LocalZOSpikeGrad", "snntorch_spike_grad", "spikingjelly_surrogate"]
 SPIKINGJELLY_INSTALL = "pip install --no-deps spikingjelly && pip install loguru"
 
 
+def _fire(x: torch.Tensor, fire_at_zero: bool) -> torch.Tensor:
+    """Spikes 0/1 in x's dtype: where x >= 0 with `fire_at_zero` (spikingjelly), else where x > 0."""
+    return (x >= 0).to(x.dtype) if fire_at_zero else heaviside(x)
+
+
 class _SparseGradSpike(torch.autograd.Function):
     """Heaviside forward (x > 0, or x >= 0 with `fire_at_zero`); backward grad_out * g, g held as
     (flat positions of the active entries, g there)."""
@@ -51,7 +56,7 @@ class _SparseGradSpike(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, positions, values, fire_at_zero):
         ctx.save_for_backward(positions, values)
-        return (x >= 0).to(x.dtype) if fire_at_zero else heaviside(x)
+        return _fire(x, fire_at_zero)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -127,7 +132,7 @@ class LocalZOSpikeGrad:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         float_tensor("x", x, finite=isinstance(x, torch.Tensor) and value_checks(x.device))
         if not (torch.is_grad_enabled() and x.requires_grad):
-            return (x >= 0).to(x.dtype) if self.fire_at_zero else heaviside(x)
+            return _fire(x, self.fire_at_zero)
         generator = self._generator_for(x.device)
         _check_generator(generator, x)
         key = next_key(generator, x.device)
