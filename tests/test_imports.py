@@ -13,7 +13,7 @@ ORDER = [
     "ztriton.kernels.sparse_weight_grad", "ztriton.kernels.event_weight_grad", "ztriton.kernels.sparse_input_grad",
     "ztriton.kernels.lif_family_forward", "ztriton.kernels.lif_adjoint", "ztriton.kernels",
     "ztriton.rng", "ztriton.distributions", "ztriton.events", "ztriton.data", "ztriton.functional",
-    "ztriton.scheduler",
+    "ztriton.interop.surrogates", "ztriton.scheduler",
     "ztriton.backends.base", "ztriton.backends.registry", "ztriton.backends.time_filter",
     "ztriton.backends.lif_forward", "ztriton.backends.weight_grad", "ztriton.backends.input_grad",
     "ztriton.backends.lif_family", "ztriton.backends.torch_backend", "ztriton.backends.native_backend",

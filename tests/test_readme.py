@@ -10,6 +10,7 @@ native backend they print the same figures at every thread count (measured at 1 
 wider tolerance is allowed.
 """
 
+import ast
 import re
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -19,8 +20,20 @@ import pytest
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 VALUE = r"'[^']*'|-?\d+(?:\.\d+)?(?:e-?\d+)?"
-#: packages of the interop extra (and spikingjelly): a block importing one is skipped without it
-OPTIONAL = ("nir", "snntorch", "spikingjelly")
+#: packages of the optional extras (`interop`, spikingjelly with --no-deps): a block importing one
+#: is skipped where it is not installed
+OPTIONAL = {"snntorch", "spikingjelly", "nir"}
+
+
+def optional_imports(block: str) -> list[str]:
+    """The optional packages a block imports."""
+    names = set()
+    for node in ast.walk(ast.parse(block)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return sorted(names & OPTIONAL)
 
 
 def stated_figures(comment: str) -> list[tuple[str, str]]:
@@ -52,8 +65,14 @@ def expected_prints(block: str) -> list[list[tuple[str, str]]]:
 
 
 def test_the_readme_has_its_examples():
-    assert len(BLOCKS) == 5
-    assert [len(expected_prints(block)) for block in BLOCKS] == [2, 1, 1, 1, 2]
+    assert len(BLOCKS) == 7
+    assert [len(expected_prints(block)) for block in BLOCKS] == [2, 1, 1, 1, 2, 2, 1]
+
+
+def test_a_block_needing_an_optional_package_is_recognised():
+    block = "import torch, snntorch as snn\nfrom spikingjelly.activation_based import neuron\nimport sklearn\n"
+    assert optional_imports(block) == ["snntorch", "spikingjelly"]
+    assert optional_imports("def f():\n    import nir.ir\n") == ["nir"]
 
 
 def test_figures_are_compared_to_the_stated_digits():
@@ -71,9 +90,8 @@ def test_figures_are_compared_to_the_stated_digits():
 @pytest.mark.filterwarnings("ignore::ztriton.SilentLayerWarning")
 @pytest.mark.parametrize("number", range(len(BLOCKS)))
 def test_readme_example_prints_its_stated_figures(number, capsys):
-    for optional in OPTIONAL:  # the examples of the interop extra need its packages
-        if re.search(rf"^(import|from) {optional}\b", BLOCKS[number], flags=re.M):
-            pytest.importorskip(optional)
+    for package in optional_imports(BLOCKS[number]):
+        pytest.importorskip(package)
     exec(compile(BLOCKS[number], f"README block {number}", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
     expected = expected_prints(BLOCKS[number])
