@@ -32,7 +32,7 @@ Writes <out>/<name>.csv and <name>.png (log-log, time and memory per axis), prin
 the fitted growth (least-squares slope of log step time / log peak memory against the log of the
 axis' value) and, when the grid has it, the issue's goal point (width 1024, T 300, B 128).
 
-    python bench/bench_scaling.py                 # the full grid (about 20-25 minutes on 2 idle cores)
+    python bench/bench_scaling.py                 # the full grid (estimated 20-25 minutes on 2 idle cores)
     python bench/bench_scaling.py --quick         # a tiny grid (seconds per point; the tests use it)
     python bench/bench_scaling.py --axes width --frameworks ztriton,snntorch
 """
@@ -84,9 +84,10 @@ QUICK = {
 GOAL = {"steps": 300, "batch": 128, "inputs": 700, "hidden": 1024, "layers": 2}
 
 
-def grid(spec: dict, axes=None, frameworks=None) -> list[dict]:
+def grid(spec: dict, axes=None, frameworks=None, values=None) -> list[dict]:
     """The points of a grid spec (FULL or QUICK): one dict per (axis, value, framework), ordered by axis,
-    then value, then framework (the frameworks of one value run one after another)."""
+    then value, then framework (the frameworks of one value run one after another); `axes`,
+    `frameworks` and `values` (of the axes' variable) keep only those."""
     axes = list(AXES) if axes is None else list(axes)
     for axis in axes:
         if axis not in AXES:
@@ -96,8 +97,10 @@ def grid(spec: dict, axes=None, frameworks=None) -> list[dict]:
             raise ValueError(f"frameworks must be among {', '.join(FRAMEWORKS)}, got {name!r}")
     points = []
     for axis in axes:
-        values, names = spec[axis]
-        for value in values:
+        axis_values, names = spec[axis]
+        for value in axis_values:
+            if values is not None and value not in values:
+                continue
             for name in names:
                 if frameworks is None or name in frameworks:
                     points.append({**spec["base"], AXES[axis]: value, "axis": axis, "framework": name})
@@ -418,6 +421,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     axes_present = [a for a in AXES if any(r["axis"] == a for r in rows)]
     fig, grid_axes = plt.subplots(2, len(axes_present), figsize=(4.2 * len(axes_present), 7.5), squeeze=False)
@@ -442,6 +446,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax = grid_axes[row_number][column]
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(f"{axis} ({key})")
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
@@ -462,6 +468,8 @@ def command_line(args) -> str:
         parts.append(f"--axes '{args.axes}'")
     if args.frameworks:
         parts.append(f"--frameworks {args.frameworks}")
+    if args.values:
+        parts.append(f"--values {args.values}")
     return " ".join(parts)
 
 
@@ -470,6 +478,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the tiny grid (for tests)")
     parser.add_argument("--axes", help=f"comma-separated subset of: {', '.join(AXES)}")
     parser.add_argument("--frameworks", help=f"comma-separated subset of: {', '.join(FRAMEWORKS)}")
+    parser.add_argument("--values", help="comma-separated values of the axes' variable to keep (e.g. 1024)")
     parser.add_argument("--time-cap", type=float, default=60.0, help="wall seconds per point, process start included")
     parser.add_argument("--memory-cap-mib", type=float, default=5120.0, help="resident-set growth per point")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per point (after one warm-up step)")
@@ -500,7 +509,8 @@ def main(argv=None):
     args.name = args.name or ("scaling_quick" if args.quick else "scaling")
     axes = args.axes.split(",") if args.axes else None
     frameworks = args.frameworks.split(",") if args.frameworks else None
-    points = grid(QUICK if args.quick else FULL, axes, frameworks)
+    values = [float(v) for v in args.values.split(",")] if args.values else None
+    points = grid(QUICK if args.quick else FULL, axes, frameworks, values)
     print(f"{len(points)} points; caps: {args.time_cap:g} s wall and {args.memory_cap_mib:g} MiB RSS growth per point; "
           f"{args.threads} threads; load {os.getloadavg()[0]:.2f}")
     print("reproduce: " + command_line(args))

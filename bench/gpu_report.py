@@ -676,6 +676,21 @@ def strongest_part(path: Path, dry_run: bool, compile_backend: str) -> dict:
 PARTS = (("tests", 150), ("layer", 90), ("strongest", 150), ("peers", 90), ("kernels", 60))
 
 
+def run_parts(commands: dict, out: Path, budget: float, limits=PARTS) -> dict:
+    """Run the parts named in `limits` (name, seconds) in that order, each under the lesser of its limit
+    and what is left of `budget`; a part with under 10 s left is not run (and says so)."""
+    deadline = time.perf_counter() + budget
+    parts = {}
+    for name, limit in limits:
+        left = int(deadline - time.perf_counter())
+        if left < 10:
+            parts[name] = {"command": " ".join(commands[name]), "returncode": "not run (budget spent)",
+                           "seconds": 0.0, "tail": ""}
+            continue
+        parts[name] = run(commands[name], out, name, min(limit, left))
+    return parts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", choices=sorted(GPUS), help="GPU of the prediction (default: the one present, else h200)")
@@ -734,15 +749,7 @@ def main(argv=None):
             "peers": [py, "bench/bench_peers.py", "--device", "cuda", "--json", str(out / "peers.json")],
             "kernels": [py, "bench/bench_kernels.py", "--quick", "--device", "cuda", "--out", str(out)],
         }
-        deadline = time.perf_counter() + args.budget
-        parts = {}
-        for name, limit in PARTS:
-            left = int(deadline - time.perf_counter())
-            if left < 10:
-                parts[name] = {"command": " ".join(commands[name]), "returncode": "not run (budget spent)",
-                               "seconds": 0.0, "tail": ""}
-                continue
-            parts[name] = run(commands[name], out, name, min(limit, left))
+        parts = run_parts(commands, out, args.budget)
         layer = json.loads((out / "layer.json").read_text()) if (out / "layer.json").exists() else None
         peers = json.loads((out / "peers.json").read_text()) if (out / "peers.json").exists() else None
         sections.append(measured_markdown(model, layer, peers))

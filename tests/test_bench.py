@@ -1,5 +1,6 @@
 """The benchmark scripts: every timed method computes the same result, and the table prints."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def test_scaling_grid_orders_points_and_rejects_unknown_names():
     points = bench_scaling.grid(bench_scaling.QUICK, ["T"], ["ztriton", "bptt"])
     assert [(p["steps"], p["framework"]) for p in points] == [(8, "ztriton"), (8, "bptt"), (16, "ztriton"), (16, "bptt")]
     assert all(p["hidden"] == bench_scaling.QUICK["base"]["hidden"] and p["axis"] == "T" for p in points)
+    only = bench_scaling.grid(bench_scaling.QUICK, ["width", "T"], ["bptt"], [32])
+    assert [(p["axis"], p["hidden"], p["steps"]) for p in only] == [("width", 32, 12)]  # T has no value 32
     delta = bench_scaling.grid(bench_scaling.QUICK, ["delta"])
     assert {p["framework"] for p in delta} == {"ztriton", "ztriton-recurrent"}  # no peer's cost depends on delta
     with pytest.raises(ValueError, match="axes must be among width, T, input density, delta, got 'depth'"):
@@ -189,3 +192,69 @@ def test_scaling_tiny_sweep_writes_its_csv_and_plot(tmp_path, capsys):
     back = bench_scaling.read_csv(tmp_path / "scaling_quick.csv")
     assert [r["delta"] for r in back] == [0.05, 0.2] and all(r["step_ms"] > 0 for r in back)
     assert (tmp_path / "scaling_quick.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- gpu_report.py: the strongest peers
+
+def test_compiled_bptt_agrees_with_the_eager_bptt():
+    import bench_peers
+    import gpu_report
+
+    args = gpu_report.peer_shape_args(12, 4, 30, 16)
+    weights, x, projection = gpu_report._peer_inputs(args, torch.device("cpu"))
+    beta = gpu_report.math.exp(-0.2)
+    eager = bench_peers.bptt_net(weights, beta)
+    forward, module = gpu_report.compiled_bptt_net(weights, beta, backend="aot_eager")
+    spikes = {}
+    for name, (fn, params) in {"eager": (eager, list(eager.parameters())),
+                               "compiled": (forward, list(module.parameters()))}.items():
+        spikes[name] = bench_peers.timed_step(fn, params, x, projection)[2]
+        spikes[name + " grads"] = [p.grad.clone() for p in params]
+    assert spikes["eager"].sum() > 0 and torch.equal(spikes["compiled"], spikes["eager"])
+    for got, want in zip(spikes["compiled grads"], spikes["eager grads"]):  # the same dense normal surrogate
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="feed-forward layers only"):
+        gpu_report.compiled_bptt_net([(weights[0][0], torch.zeros(16, 16))], beta)
+
+
+def test_gpu_report_installs_peers_from_carried_wheels_or_skips_them(tmp_path, monkeypatch):
+    import gpu_report
+
+    monkeypatch.setattr(gpu_report, "PEER_PACKAGES", ("torch", "no_such_peer_a", "no_such_peer_b"))
+    (tmp_path / "no_such_peer_b-1.0-py3-none-any.whl").write_bytes(b"")
+    lines = gpu_report.ensure_peers(tmp_path, dry_run=True)
+    assert lines[0] == "torch: installed"
+    assert lines[1].startswith(f"no_such_peer_a: not installed and no wheel in {tmp_path}/, skipped (prepare: pip download")
+    assert lines[2].startswith("no_such_peer_b: would run ") and f"--no-index --no-deps --find-links {tmp_path} no_such_peer_b" in lines[2]
+
+
+def test_gpu_report_parts_keep_to_the_budget(tmp_path):
+    import gpu_report
+
+    commands = {"a": [sys.executable, "-c", "print('part a')"], "b": [sys.executable, "-c", "print('part b')"]}
+    parts = gpu_report.run_parts(commands, tmp_path, budget=60, limits=(("a", 30), ("b", 30)))
+    assert parts["a"]["returncode"] == 0 and parts["a"]["tail"] == "part a" and (tmp_path / "a.log").exists()
+    spent = gpu_report.run_parts(commands, tmp_path, budget=5, limits=(("a", 30), ("b", 30)))
+    assert [p["returncode"] for p in spent.values()] == ["not run (budget spent)"] * 2
+
+
+def test_gpu_report_dry_run_on_cpu(tmp_path):
+    import gpu_report
+
+    gpu_report.main(["--dry-run", "--compile-backend", "aot_eager", "--out", str(tmp_path)])
+    report = (tmp_path / "gpu_report.md").read_text()
+    assert "DRY RUN (tiny shapes)" in report and "| compiled BPTT backward |" in report
+    assert "## Measured: the strongest peers (cpu)" in report and "### strongest: exit 0" in report
+    measured = json.loads((tmp_path / "strongest.json").read_text())
+    assert {"ztriton (events)", "compiled BPTT", "eager BPTT"} <= set(measured["rows"])
+    assert measured["rows"]["compiled BPTT"]["spikes_equal_eager_bptt"] == 1.0
+    costs = json.loads((tmp_path / "cost_model.json").read_text())["peers"]
+    args = gpu_report._tiny_shapes()[1]
+    compiled, jelly = costs["rows"]["compiled BPTT"], costs["rows"]["spikingjelly"]
+    assert compiled["forward"]["compiled_calls"] == compiled["backward"]["compiled_calls"] == 2 * args.steps
+    assert jelly["forward"]["loop_steps"] == jelly["backward"]["loop_steps"] == 2 * args.steps
+    for row in costs["rows"].values():  # each predicted step is the sum of its terms
+        for phase in ("forward", "backward"):
+            r = row[phase]
+            assert r["total"] == pytest.approx(r["launch"] + r["memory"] + r["compute"] + r["latency"]) and r["total"] > 0
