@@ -610,8 +610,8 @@ def run(command: list[str], out: Path, name: str, timeout: int) -> dict:
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         code, text = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as err:
-        code, text = "timeout", (err.stdout or b"").decode() + (err.stderr or b"").decode()
+    except subprocess.TimeoutExpired as err:  # its output may come as bytes even with text=True
+        code, text = "timeout", "".join(o.decode() if isinstance(o, bytes) else o for o in (err.stdout, err.stderr) if o)
     (out / f"{name}.log").write_text(text)
     return {"command": " ".join(command), "returncode": code, "seconds": time.perf_counter() - start,
             "tail": "\n".join(text.strip().splitlines()[-25:])}
@@ -728,6 +728,8 @@ def main(argv=None):
     costs = peer_costs(device, GPUS[gpu_key], peer_shape)
     sections = [model_markdown(model, shape), peer_markdown(costs, peer_shape)]
     (out / "cost_model.json").write_text(json.dumps({"layer": model, "peers": costs}, indent=2))
+    for stale in ("layer.json", "peers.json", "strongest.json"):  # a failed part must not show an old run's figures
+        (out / stale).unlink(missing_ok=True)
     py = sys.executable
     strongest = [py, "bench/gpu_report.py", "--strongest-peers", str(out / "strongest.json"),
                  "--compile-backend", args.compile_backend]

@@ -258,3 +258,11 @@ def test_gpu_report_dry_run_on_cpu(tmp_path):
         for phase in ("forward", "backward"):
             r = row[phase]
             assert r["total"] == pytest.approx(r["launch"] + r["memory"] + r["compute"] + r["latency"]) and r["total"] > 0
+
+
+def test_gpu_report_part_that_times_out_keeps_its_output(tmp_path):
+    import gpu_report
+
+    part = gpu_report.run([sys.executable, "-c", "import time; print('begun', flush=True); time.sleep(30)"],
+                          tmp_path, "slow", timeout=3)
+    assert part["returncode"] == "timeout" and "begun" in (tmp_path / "slow.log").read_text()
