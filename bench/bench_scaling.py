@@ -35,6 +35,11 @@ axis' value) and, when the grid has it, the issue's goal point (width 1024, T 30
     python bench/bench_scaling.py                 # the full grid (estimated 20-25 minutes on 2 idle cores)
     python bench/bench_scaling.py --quick         # a tiny grid (seconds per point; the tests use it)
     python bench/bench_scaling.py --axes width --frameworks ztriton,snntorch
+    python bench/bench_scaling.py --axes width --values 1024 --time-cap 240   # the issue's goal point alone
+    python bench/bench_scaling.py --from-csv bench/results/scaling.csv        # tables, fits, plot of a CSV
+
+On a machine that other processes load, --threads 1 (torch's and the native backend's threads):
+with more threads than free cores the thread pools wait on each other and the peers slow down most.
 """
 
 from __future__ import annotations
