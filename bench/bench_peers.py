@@ -72,14 +72,14 @@ def _copy(layer, w, v):
     return layer
 
 
-def ztriton_net(layers, beta):
+def ztriton_net(layers, beta, delta=0.05):
     modules = [_copy(SparseLIFLinear(w.shape[1], w.shape[0], beta=beta, recurrent=v is not None, grad="localzo",
-                                     delta=0.05).to(w.device), w, v) for w, v in layers]
+                                     delta=delta).to(w.device), w, v) for w, v in layers]
     return nn.Sequential(*modules), modules
 
 
-def bptt_net(layers, beta):
-    surrogate = Surrogate.dense("normal", 0.05)
+def bptt_net(layers, beta, delta=0.05):
+    surrogate = Surrogate.dense("normal", delta)
     return nn.Sequential(*[_copy(BPTTLIF(w.shape[1], w.shape[0], beta=beta, recurrent=v is not None,
                                          surrogate=surrogate, device=w.device), w, v) for w, v in layers])
 
