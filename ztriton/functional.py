@@ -227,6 +227,7 @@ class _SpikeCount(torch.autograd.Function):
         return counts.index_add_(0, rows * width + events.cols, events.values.to(spikes.dtype)).view(batch, width)
 
     @staticmethod
+    @eager_under_compile
     def backward(ctx, grad):
         if ctx.producer is None:
             return grad.unsqueeze(0).expand(ctx.shape)
