@@ -61,31 +61,34 @@ if AVAILABLE:
             total += a[n] * b[n]
         return total
 
-    @jit
+    @numba.njit(cache=True, nogil=True, inline="always")
     def _to_uniform(bits):  # pragma: no cover - compiled
-        signed = np.int64(bits) - np.int64(4294967296) if bits >= np.uint64(2147483648) else np.int64(bits)
-        folded = -signed - 1 if signed < 0 else signed
+        """Triton's uint32 -> float32 uniform: the bits as int32, negatives folded to -x - 1, times 2^-31."""
+        signed = np.int32(bits)
+        folded = np.int32(-signed - np.int32(1)) if signed < 0 else signed
         return np.float32(folded) * np.float32(4.6566127342e-10)
 
-    @jit
+    @numba.njit(cache=True, nogil=True, inline="always")
     def _philox2(position, seed, offset, k):  # pragma: no cover - compiled
-        """(u1, u2) of the RNG contract at one flat position."""
-        mask = np.uint64(0xFFFFFFFF)
-        k0, k1 = np.uint64(seed) & mask, (np.uint64(seed) >> np.uint64(32)) & mask
-        c0, c1 = np.uint64(position) & mask, np.uint64(position) >> np.uint64(32)
-        c2, c3 = np.uint64(offset) & mask, np.uint64(k)
+        """(u1, u2) of the RNG contract at one flat position. 32-bit words held as uint32 (numba widens
+        their arithmetic to 64 bits: every result is cut back), the products 32 x 32 -> 64 bits, so a
+        loop over positions vectorises (inlined into its caller's loop)."""
+        k0, k1 = np.uint32(seed & np.uint64(0xFFFFFFFF)), np.uint32(seed >> np.uint64(32))
+        c0, c1 = np.uint32(position & np.uint64(0xFFFFFFFF)), np.uint32(position >> np.uint64(32))
+        c2, c3 = np.uint32(offset & np.uint64(0xFFFFFFFF)), np.uint32(k)
         for _ in range(10):
-            product_b = np.uint64(0xCD9E8D57) * c2
-            product_a = np.uint64(0xD2511F53) * c0
-            c0, c2 = ((product_b >> np.uint64(32)) ^ c1 ^ k0) & mask, ((product_a >> np.uint64(32)) ^ c3 ^ k1) & mask
-            c1, c3 = product_b & mask, product_a & mask
-            k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+            product_b = np.uint64(0xCD9E8D57) * np.uint64(c2)
+            product_a = np.uint64(0xD2511F53) * np.uint64(c0)
+            c0, c2 = (np.uint32(np.uint32(product_b >> np.uint64(32)) ^ c1 ^ k0),
+                      np.uint32(np.uint32(product_a >> np.uint64(32)) ^ c3 ^ k1))
+            c1, c3 = np.uint32(product_b), np.uint32(product_a)
+            k0, k1 = np.uint32(k0 + np.uint32(0x9E3779B9)), np.uint32(k1 + np.uint32(0xBB67AE85))
         return _to_uniform(c0), _to_uniform(c1)
 
     @jit
     def _philox_uniforms(lo, hi, index, seed, offset, k, u1, u2):  # pragma: no cover - compiled
         for i in range(lo, hi):
-            u1[i], u2[i] = _philox2(index[i], seed, offset, k)
+            u1[i], u2[i] = _philox2(np.uint64(index[i]), seed, offset, k)
 
     @jit
     def _normal_radius(u1):  # pragma: no cover - compiled
@@ -124,25 +127,54 @@ if AVAILABLE:
         return z_lo + frac * (table_z[upper] - z_lo)
 
     @jit
-    def _localzo_sum(near, position, seed, offset, m, dist, dist_param, cdf, table_z, delta,
-                     inverse):  # pragma: no cover - compiled
-        """Eq. 7 before its scale at one entry: the sum over the m draws at `position` of |z| (1 / |z|
-        with `inverse`) where near = |v| < delta |z|. For the normal law a draw whose Box-Muller
-        radius already fails the test skips the cosine: |z| <= float32(radius), so the result is
-        the same as drawing |z| in full."""
-        total = np.float32(0.0)
+    def _row_candidates(abs_v, cand_threshold, base, draw, seed, offset, m, dist, dist_param, cdf, table_z, delta,
+                        scale, inverse, cand_n, cand_v, u1, u2, total):  # pragma: no cover - compiled
+        """The entries of one (t, b) row kept for backward; returns their count `kept`.
+
+        Candidates (abs_v[n] < cand_threshold) are listed by a branch-free pass (cand_n: neuron,
+        cand_v: |v|). With `draw`, eq. 7 at each (flat position base + n, the RNG contract's m
+        draws): the Philox integers of all candidates in one straight loop (it vectorises), then per
+        draw the test near < delta |z|; only candidates with g != 0 stay, cand_v = g (float32
+        arithmetic, as `functional.localzo_at`). For the normal law a draw whose Box-Muller radius
+        cannot pass is rejected before the logarithm: -2 ln u <= 1/u - u on (0, 1], so
+        (1/u - u) (1 + 1e-6) < (near / delta)^2 (1 - 1e-6) proves near >= delta float32(radius)
+        (the margins cover the roundings, 1/u - u's cancellation near u = 1 included); one that
+        passes is tested on its exact radius, and skips the cosine when that fails
+        (|z| <= float32(radius)). The kept entries and their g are those of drawing every |z| in full."""
+        count = 0
+        for n in range(abs_v.shape[0]):  # no branch: write the slot, advance only on a candidate
+            cand_n[count] = n
+            cand_v[count] = abs_v[n]
+            count += 1 if abs_v[n] < cand_threshold else 0
+        if not draw or count == 0:
+            return count
+        for i in range(count):
+            total[i] = np.float32(0.0)
         for k in range(m):
-            u1, u2 = _philox2(position, seed, offset, k)
-            if dist == 0:
-                radius = _normal_radius(u1)
-                if not near < delta * np.float32(radius):
-                    continue
-                z = _normal_abs_z(radius, u2)
-            else:
-                z = _abs_z(u1, u2, dist, dist_param, cdf, table_z)
-            if near < delta * z:
-                total += np.float32(1.0) / z if inverse else z
-        return total
+            for i in range(count):  # straight-line integer work over the candidates
+                u1[i], u2[i] = _philox2(np.uint64(base + cand_n[i]), seed, offset, k)
+            for i in range(count):
+                near = np.float32(cand_v[i])
+                if dist == 0:
+                    u = np.float64(max(u1[i], np.float32(1e-7)))
+                    reach = np.float64(near) / np.float64(delta)
+                    if (1.0 / u - u) * (1.0 + 1e-6) < reach * reach * (1.0 - 1e-6):
+                        continue
+                    radius = _normal_radius(u1[i])
+                    if not near < delta * np.float32(radius):
+                        continue
+                    z = _normal_abs_z(radius, u2[i])
+                else:
+                    z = _abs_z(u1[i], u2[i], dist, dist_param, cdf, table_z)
+                if near < delta * z:
+                    total[i] += np.float32(1.0) / z if inverse else z
+        kept = 0
+        for i in range(count):
+            cand_n[kept] = cand_n[i]
+            value = total[i] * scale
+            cand_v[kept] = value
+            kept += 1 if value > 0 else 0
+        return kept
 
     @jit
     def _gather_events(bins, units, offsets, samples, steps, out):  # pragma: no cover - compiled
@@ -204,6 +236,9 @@ if AVAILABLE:
         """
         n_out = table.shape[1]
         acc = np.empty(n_out, dtype=v_state.dtype)
+        cand_n, fired_n = np.empty(n_out, dtype=np.int64), np.empty(n_out, dtype=np.int64)
+        cand_v = np.empty(n_out, dtype=v_state.dtype)
+        u1, u2, total = np.empty(n_out, np.float32), np.empty(n_out, np.float32), np.empty(n_out, np.float32)
         zero = beta * 0  # 0 and 1 in the arrays' precision: no float64 promotion in the loops
         one = zero + 1
         for b in range(b_lo, b_hi):
@@ -228,30 +263,23 @@ if AVAILABLE:
                     spikes[t, b, n] = s
                     acc[n] = abs(v)
                 base = (t * batch + b) * n_out
-                found = 0
+                found = _row_candidates(acc, cand_threshold, base, draw, seed, offset, m, dist, dist_param, cdf,
+                                        table_z, delta, scale, inverse, cand_n, cand_v, u1, u2, total)
+                c = cand_count[b]
+                for i in range(min(found, cand_pos.shape[1] - c)):
+                    cand_pos[b, c + i] = base + cand_n[i]
+                    cand_abs_v[b, c + i] = cand_v[i]
+                cand_count[b] = c + found
                 fired = 0
-                for n in range(n_out):  # rare events: record candidates and spikes
-                    if acc[n] < cand_threshold:
-                        value = acc[n]
-                        if draw:
-                            total = _localzo_sum(np.float32(acc[n]), base + n, seed, offset, m, dist, dist_param,
-                                                 cdf, table_z, delta, inverse)
-                            value = total * scale
-                        # the two appends are written out: as a helper, even inlined, the step ran ~10 % slower
-                        if value > 0 or not draw:
-                            c = cand_count[b]
-                            if c < cand_pos.shape[1]:
-                                cand_pos[b, c] = base + n
-                                cand_abs_v[b, c] = value
-                            cand_count[b] = c + 1
-                            found += 1
+                for n in range(n_out):  # spikes are rarer than candidates: a branch costs less here
                     if s_state[b, n] > zero:
-                        c = spk_count[b]
-                        if c < spk_pos.shape[1]:
-                            spk_pos[b, c] = base + n
-                            spk_val[b, c] = one
-                        spk_count[b] = c + 1
+                        fired_n[fired] = n
                         fired += 1
+                c = spk_count[b]
+                for i in range(min(fired, spk_pos.shape[1] - c)):
+                    spk_pos[b, c + i] = base + fired_n[i]
+                    spk_val[b, c + i] = one
+                spk_count[b] = c + fired
                 row_counts[t, b] = found
                 spk_row_counts[t, b] = fired
 
@@ -354,7 +382,9 @@ if AVAILABLE:
         """
         n_out = table.shape[1]
         acc = np.empty(n_out, dtype=u_state.dtype)
-        fired = np.empty(n_out, dtype=np.int64)
+        fired, cand_n = np.empty(n_out, dtype=np.int64), np.empty(n_out, dtype=np.int64)
+        cand_v = np.empty(n_out, dtype=u_state.dtype)
+        u1, u2, total = np.empty(n_out, np.float32), np.empty(n_out, np.float32), np.empty(n_out, np.float32)
         zero = beta * 0
         one = zero + 1
         for b in range(b_lo, b_hi):
@@ -407,36 +437,30 @@ if AVAILABLE:
                     spikes[t, b, n] = s
                     acc[n] = abs(v)
                 base = (t * batch + b) * n_out
-                found = 0
+                found = _row_candidates(acc, cand_threshold, base, draw, seed, offset, m, dist, dist_param, cdf,
+                                        table_z, delta, scale, inverse, cand_n, cand_v, u1, u2, total)
+                c = cand_count[b]
+                for i in range(min(found, cand_pos.shape[1] - c)):
+                    n = cand_n[i]
+                    cand_pos[b, c + i] = base + n
+                    cand_val[b, c + i] = cand_v[i]
+                    if want_leak:
+                        cand_leak[b, c + i] = m_state[b, n]
+                    if want_reset:
+                        cand_reset[b, c + i] = r_state[b, n]
+                    if want_last:
+                        cand_last[b, c + i] = last_state[b, n]
+                cand_count[b] = c + found
                 n_fired = 0
-                for n in range(n_out):
-                    if acc[n] < cand_threshold:
-                        value = acc[n]
-                        if draw:
-                            total = _localzo_sum(np.float32(acc[n]), base + n, seed, offset, m, dist, dist_param,
-                                                 cdf, table_z, delta, inverse)
-                            value = total * scale
-                        if value > 0 or not draw:
-                            c = cand_count[b]
-                            if c < cand_pos.shape[1]:
-                                cand_pos[b, c] = base + n
-                                cand_val[b, c] = value
-                                if want_leak:
-                                    cand_leak[b, c] = m_state[b, n]
-                                if want_reset:
-                                    cand_reset[b, c] = r_state[b, n]
-                                if want_last:
-                                    cand_last[b, c] = last_state[b, n]
-                            cand_count[b] = c + 1
-                            found += 1
+                for n in range(n_out):  # spikes are rarer than candidates: a branch costs less here
                     if s_state[b, n] > zero:
                         fired[n_fired] = n
                         n_fired += 1
-                        c = spk_count[b]
-                        if c < spk_pos.shape[1]:
-                            spk_pos[b, c] = base + n
-                            spk_val[b, c] = one
-                        spk_count[b] = c + 1
+                c = spk_count[b]
+                for i in range(min(n_fired, spk_pos.shape[1] - c)):
+                    spk_pos[b, c + i] = base + fired[i]
+                    spk_val[b, c + i] = one
+                spk_count[b] = c + n_fired
                 row_counts[t, b] = found
                 spk_row_counts[t, b] = n_fired
 

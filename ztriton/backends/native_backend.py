@@ -118,12 +118,12 @@ def _draw_args(rule, key: PhiloxKey | None) -> tuple:
     law = rule.law
     empty = np.zeros(2, dtype=np.float32)
     if key is None or rule.grad != "localzo":
-        return (False, 0, 0, 1, 0, 0.0, empty, empty, np.float32(0.0), np.float32(0.0), False)
+        return (False, np.uint64(0), np.uint64(0), 1, 0, 0.0, empty, empty, np.float32(0.0), np.float32(0.0), False)
     name = kernel_law(law)
     code = KERNEL_LAWS.index(name)
     cdf, table_z = (t.numpy() for t in law.sampling_tables("cpu")) if name == "table" else (empty, empty)
     param = law.k * law.delta if name == "fast_sigmoid" else 0.0
-    return (True, key.seed, key.offset & 0xFFFFFFFF, rule.m, code, param, cdf, table_z,
+    return (True, np.uint64(key.seed), np.uint64(key.offset & 0xFFFFFFFF), rule.m, code, param, cdf, table_z,
             np.float32(rule.delta), np.float32(law.c / (2.0 * rule.delta * rule.m)), law.alpha != 1)
 
 
