@@ -88,20 +88,13 @@ def simulate(graph, x, dt):
                 out[name] = i @ node.weight.T + node.bias
             elif isinstance(node, nir.Linear):
                 out[name] = i @ node.weight.T
-            elif isinstance(node, (nir.LIF, nir.LI)):
+            elif isinstance(node, (nir.LIF, nir.LI, nir.IF, nir.I)):
                 v = state[name]
-                v = v + dt / node.tau * ((node.v_leak - v) + node.r * i)
-                if isinstance(node, nir.LIF):
-                    potentials[name].append(v - node.v_threshold)
-                    z = (v > node.v_threshold).astype(np.float64)
-                    v = np.where(z > 0, node.v_reset, v)
-                    out[name] = z
+                if isinstance(node, (nir.LIF, nir.LI)):
+                    v = v + dt / node.tau * ((node.v_leak - v) + node.r * i)
                 else:
-                    out[name] = v
-                state[name] = v
-            elif isinstance(node, (nir.IF, nir.I)):
-                v = state[name] + dt * node.r * i
-                if isinstance(node, nir.IF):
+                    v = v + dt * node.r * i
+                if isinstance(node, (nir.LIF, nir.IF)):  # spike where v > v_threshold, then v := v_reset
                     potentials[name].append(v - node.v_threshold)
                     z = (v > node.v_threshold).astype(np.float64)
                     v = np.where(z > 0, node.v_reset, v)
