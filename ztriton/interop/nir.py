@@ -272,8 +272,19 @@ def _leak_and_gain(nir, name: str, node, n: int, dt: float) -> tuple[float, np.n
         carried = meta.get("beta")
         if carried is not None and abs((1.0 - float(carried)) - dt / tau) <= SNAP * (1.0 - float(carried)):
             beta = float(carried)
-    gain = np.where(np.abs(gain - 1.0) <= SNAP, 1.0, gain)
-    return beta, gain, meta
+    return beta, _unit_snapped(gain), meta
+
+
+def _unit_snapped(gain: np.ndarray) -> np.ndarray:
+    """The gain with every value within SNAP of 1 taken as exactly 1."""
+    return np.where(np.abs(gain - 1.0) <= SNAP, 1.0, gain)
+
+
+def _leak_folded(bias: np.ndarray | None, v_leak: np.ndarray, r: np.ndarray) -> np.ndarray | None:
+    """The synapse's bias with the neuron's v_leak folded in: tau v' = (v_leak - v) + r I = -v + r (I + v_leak / r)."""
+    if not (v_leak != 0).any():
+        return bias
+    return (np.zeros(v_leak.size) if bias is None else bias.astype(np.float64)) + v_leak / r
 
 
 def _synapse_arrays(name: str, node, nir) -> tuple[np.ndarray, np.ndarray | None]:
@@ -353,8 +364,7 @@ def _hidden_layer(chain: _Chain, synapse: str, neuron: str, dt: float) -> tuple[
             _refuse(loops[0], chain.nodes[loops[0]], f"a recurrent weight must be ({n}, {n}), got {recurrent.shape}")
         if recurrent_bias is not None:
             bias = recurrent_bias if bias is None else bias.astype(np.float64) + recurrent_bias
-    if (v_leak != 0).any():  # tau v' = (v_leak - v) + r I = -v + r (I + v_leak / r)
-        bias = (np.zeros(n) if bias is None else bias.astype(np.float64)) + v_leak / _vector(node, "r", n)
+    bias = _leak_folded(bias, v_leak, _vector(node, "r", n))
     weight, bias, recurrent = _scaled(gain, weight, bias, recurrent)
     return dict(kind="hidden", weight=weight, bias=bias, recurrent=recurrent, beta=beta, theta=theta, reset=reset,
                 meta=meta), spikes
@@ -387,10 +397,8 @@ def _readout_layer(chain: _Chain, synapse: str, neuron: str, dt: float) -> dict:
     n = weight.shape[0]
     beta, _, meta = _leak_and_gain(nir, neuron, node, n, dt)
     r = _vector(node, "r", n)
-    v_leak = _vector(node, "v_leak", n)
-    if (v_leak != 0).any():
-        bias = (np.zeros(n) if bias is None else bias.astype(np.float64)) + v_leak / r
-    weight, bias = _scaled(np.where(np.abs(r - 1.0) <= SNAP, 1.0, r), weight, bias)
+    bias = _leak_folded(bias, _vector(node, "v_leak", n), r)
+    weight, bias = _scaled(_unit_snapped(r), weight, bias)
     return dict(kind="readout", weight=weight, bias=bias, beta=beta, meta=meta)
 
 
