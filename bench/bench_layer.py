@@ -121,18 +121,20 @@ def step(model, x, labels, regularise=False):
 REGULARISER = Config(dataset="shd").resolved()
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident set now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set (VmHWM; unlike ru_maxrss, not inherited over exec)."""
+def status_bytes(key: str) -> int:
+    """A size line of /proc/self/status in bytes, e.g. "VmHWM" (the resident set's high-water mark;
+    unlike ru_maxrss, not inherited over exec) or "VmSize"."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def _peak_worker(method, args, queue):
@@ -143,10 +145,10 @@ def _peak_worker(method, args, queue):
         warnings.simplefilter("ignore", SilentLayerWarning)  # a 2-step batch may not make layer 2 fire
         step(model, x[:2, :2], labels[:2], args.regulariser)
     x = method_input(x, method, args)
-    before = _rss_bytes()
+    before = rss_bytes()
     for _ in range(2):
         step(model, x, labels, args.regulariser)
-    peak = _peak_rss_bytes()
+    peak = status_bytes("VmHWM")
     queue.put(max(0, peak - before))
 
 

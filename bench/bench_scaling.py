@@ -114,19 +114,6 @@ def grid(spec: dict, axes=None, frameworks=None, values=None) -> list[dict]:
 
 # ---------------------------------------------------------------- the child: one point in its own process
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def _reset_peak() -> None:
     """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -140,8 +127,10 @@ def _emit(result: dict) -> None:
 
 def _watchdog(baseline: int, cap: int, stop: threading.Event) -> None:
     """Poll the RSS every 10 ms; above baseline + cap, report a memory cap and end the process."""
+    from bench_layer import rss_bytes  # measure() put bench/ on the path
+
     while not stop.wait(0.01):
-        grown = _rss_bytes() - baseline
+        grown = rss_bytes() - baseline
         if grown > cap:
             _emit({"status": "memory cap", "note": f"RSS grew {grown / 2**20:.0f} MiB", "peak_mib": grown / 2**20})
             os._exit(MEMORY_EXIT)
@@ -185,6 +174,7 @@ def measure(point: dict, *, memory_cap_mib: float, deadline: float, repeats: int
 
     sys.path.insert(0, str(HERE))
     import bench_peers
+    from bench_layer import rss_bytes, status_bytes
 
     torch.set_num_threads(threads)
     forward, params, inputs, projection, layers = _network(point, seed)
@@ -194,13 +184,13 @@ def measure(point: dict, *, memory_cap_mib: float, deadline: float, repeats: int
         bench_peers.timed_step(forward, params, small.to_sparse() if inputs.is_sparse else small, projection[:2])
     gc.collect()
     _reset_peak()
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     cap = int(memory_cap_mib * 2**20)
     stop = threading.Event()
     threading.Thread(target=_watchdog, args=(baseline, cap, stop), daemon=True).start()
     # the backstop: address space for twice the cap, plus 1 GiB for thread stacks and malloc arenas
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-    backstop = _status_kib("VmSize") + 2 * cap + 2**30
+    backstop = status_bytes("VmSize") + 2 * cap + 2**30
     if hard == resource.RLIM_INFINITY or backstop < hard:
         resource.setrlimit(resource.RLIMIT_AS, (backstop, hard))
     try:
@@ -218,9 +208,9 @@ def measure(point: dict, *, memory_cap_mib: float, deadline: float, repeats: int
             raise
         stop.set()
         return {"status": "memory cap", "note": f"allocation refused: {str(err).splitlines()[0][:80]}",
-                "peak_mib": (_status_kib("VmHWM") - baseline) / 2**20}
+                "peak_mib": (status_bytes("VmHWM") - baseline) / 2**20}
     stop.set()
-    peak = (_status_kib("VmHWM") - baseline) / 2**20
+    peak = (status_bytes("VmHWM") - baseline) / 2**20
     result = {"peak_mib": peak, "spike_rate": float(spikes.float().mean())}
     if layers is not None:
         result["active_pct"] = 100 * statistics.fmean(layer.stats["active_fraction"] for layer in layers)
