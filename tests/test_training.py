@@ -1,5 +1,6 @@
 """Training application: latency code, idx reader, a few training steps, resume, error paths."""
 
+import gc
 import gzip
 import io
 import json
@@ -7,6 +8,7 @@ import math
 import statistics
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -309,6 +311,10 @@ def _ddp_worker(rank, world, store, x, y, out_dir):
     if rank == 0:
         torch.save([p.grad for p in model.module.parameters()], out_dir / "ddp.pt")
         (out_dir / "warnings.txt").write_text("\n".join(str(w.message) for w in caught))
+    # torch 2.13: the DDP reducer must not hold the last reference to the gloo group (it frees it
+    # with the GIL held, while a gloo thread waits for the GIL: a deadlock); see Processes.close
+    del model, logits, spikes, loss
+    gc.collect()
     dist.barrier()  # no process may tear the group down while the other still uses it
     dist.destroy_process_group()
 
@@ -319,7 +325,15 @@ def test_ddp_gradients_match_single_process(tmp_path):
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(30, 8, 20, generator=gen) < 0.3).float()
     y = torch.randint(0, 3, (8,), generator=gen)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, tmp_path / "store", x, y, tmp_path), nprocs=2, join=True)
+    workers = torch.multiprocessing.spawn(_ddp_worker, args=(2, tmp_path / "store", x, y, tmp_path), nprocs=2,
+                                          join=False)
+    deadline = time.monotonic() + 180  # a deadlocked worker fails the test instead of hanging the run
+    while not workers.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in workers.processes:
+                process.kill()
+                process.join()
+            pytest.fail("the DDP workers did not finish within 180 s")
     torch.manual_seed(0)
     cfg = Config(grad="sparsegrad", delta=0.2, hidden=[30, 20]).resolved()
     model = SNN(20, 3, cfg)

@@ -403,7 +403,8 @@ class Processes:
             self.device = torch.device("cuda", local)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # every process's kernels on its own GPU
-        if self.world > 1 and not dist.is_initialized():
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
@@ -424,10 +425,20 @@ class Processes:
     def wrap(self, model: nn.Module) -> nn.Module:
         return DistributedDataParallel(model) if self.world > 1 else model
 
-    def finish(self) -> None:
-        """Wait for every process (none may tear the group down while another still uses it)."""
+    def close(self) -> None:
+        """Wait for every process (none may tear the group down while another still uses it), then
+        destroy the group if this object made it.
+
+        Call it after the DistributedDataParallel model is gone: in torch 2.13 a DDP reducer that
+        holds the last reference to a gloo group frees it with the GIL held, while a gloo thread
+        waits for the GIL to free the backward's thread-local Python context (a deadlock, seen in
+        about one run in five). Freed here instead, the group releases the GIL first.
+        """
         if self.world > 1:
             dist.barrier()
+        if self.owns_group:
+            dist.destroy_process_group()
+            self.owns_group = False
 
     def sum(self, *values: float) -> list[float]:
         if self.world == 1:
@@ -544,7 +555,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             _save_checkpoint(run)
     summary = _summary(run)
     _write_summary(run, summary)
-    run.procs.finish()
+    del trained  # DDP's reducer must not outlive the process group: see Processes.close
+    run.procs.close()
     return summary
 
 
