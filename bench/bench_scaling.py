@@ -195,12 +195,13 @@ def measure(point: dict, *, memory_cap_mib: float, deadline: float, repeats: int
         resource.setrlimit(resource.RLIMIT_AS, (backstop, hard))
     try:
         first = bench_peers.timed_step(forward, params, inputs, projection)
-        spikes = first[2]
+        spike_rate = float(first[2].float().mean())
+        first = first[:2]  # no step's output outlives it: the peak is one step's
         timed = []
-        last = sum(first[:2])
+        last = sum(first)
         while len(timed) < repeats and (len(timed) < 2 or sum(map(sum, timed)) < point_budget) \
                 and time.time() + 1.2 * last < deadline:
-            fwd, bwd, _ = bench_peers.timed_step(forward, params, inputs, projection)
+            fwd, bwd = bench_peers.timed_step(forward, params, inputs, projection)[:2]
             timed.append((fwd, bwd))
             last = fwd + bwd
     except (MemoryError, RuntimeError) as err:  # the address-space backstop: an allocation refused
@@ -211,12 +212,12 @@ def measure(point: dict, *, memory_cap_mib: float, deadline: float, repeats: int
                 "peak_mib": (status_bytes("VmHWM") - baseline) / 2**20}
     stop.set()
     peak = (status_bytes("VmHWM") - baseline) / 2**20
-    result = {"peak_mib": peak, "spike_rate": float(spikes.float().mean())}
+    result = {"peak_mib": peak, "spike_rate": spike_rate}
     if layers is not None:
         result["active_pct"] = 100 * statistics.fmean(layer.stats["active_fraction"] for layer in layers)
     if not timed:  # only the warm-up step fit under the cap
         return {**result, "status": "time cap", "note": "first step only", "timed_steps": 0,
-                "step_ms": 1e3 * sum(first[:2]), "forward_ms": 1e3 * first[0], "backward_ms": 1e3 * first[1]}
+                "step_ms": 1e3 * sum(first), "forward_ms": 1e3 * first[0], "backward_ms": 1e3 * first[1]}
     steps = [f + b for f, b in timed]
     return {**result, "status": "ok", "note": "", "timed_steps": len(timed), "step_ms": 1e3 * statistics.median(steps),
             "step_ms_min": 1e3 * min(steps), "step_ms_max": 1e3 * max(steps),

@@ -105,3 +105,71 @@ def test_events_are_cached_on_layer_outputs_only(backend):
         with torch.no_grad():
             out.mul_(1)  # an in-place change bumps the version: the cache no longer holds
         assert cached_events(out) is None
+
+
+def _two_layers(backend, recurrent=False):
+    torch.manual_seed(0)
+    first = SparseLIFLinear(60, 40, beta=0.9, delta=0.3, backend=backend, path="sparse")
+    second = SparseLIFLinear(40, 24, beta=0.9, delta=0.3, backend=backend, path="sparse", recurrent=recurrent)
+    first.weight.data.mul_(6)
+    second.weight.data.mul_(4)
+    return first, second
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_a_sparse_backward_keeps_its_input_as_events_only(recurrent):
+    """The hidden spikes between two native sparse-path layers are freed once the caller drops them
+    (the second layer keeps their events), and the gradients are those of a run that keeps them."""
+    import gc
+    import weakref
+
+    first, second = _two_layers("native", recurrent)
+    x = _batch(8, 0.1)
+    grads = []
+    for keep in (True, False):
+        torch.manual_seed(9)
+        for p in (*first.parameters(), *second.parameters()):
+            p.grad = None
+        hidden = first(x)
+        out = second(hidden)
+        watch = weakref.ref(hidden)
+        if not keep:
+            del hidden
+            gc.collect()
+            assert watch() is None  # nothing else holds the (T, B, 40) float32 spikes
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        assert second.stats["path"] == "sparse" and second.stats["active_fraction"] > 0.005
+        grads.append([p.grad.clone() for p in (*first.parameters(), *second.parameters())])
+    for kept, freed in zip(*grads):
+        assert torch.equal(kept, freed)
+
+
+def test_kept_events_rebuild_the_dense_input():
+    from ztriton.events import KeptEvents, dense, events_of, kept_for_backward
+
+    layer = _layer("native")
+    out = layer(_batch(10, 0.1))
+    kept = kept_for_backward(out)
+    assert isinstance(kept, KeptEvents) and events_of(kept) is cached_events(out)
+    assert (kept.shape, kept.dtype) == (out.shape, out.dtype)
+    assert torch.equal(dense(kept), out)
+    user = _batch(11, 0.1)
+    assert kept_for_backward(user) is user  # a user's tensor has no cached events: kept as is
+
+
+@pytest.mark.parametrize("refill", REFILLS, ids=lambda f: f.__name__)
+def test_a_buffer_refilled_before_the_backward_gives_the_forward_batch_gradients(refill):
+    """On the native sparse path the backward reads the events the forward scanned, not the buffer."""
+    first, second = _batch(12, 0.03), _batch(13, 0.03)
+    layer = _layer("native")
+    torch.manual_seed(5)
+    layer(first.clone()).sum().backward()
+    expected = layer.weight.grad.clone()
+    layer.weight.grad = None
+    buf = first.clone()
+    torch.manual_seed(5)
+    out = layer(buf)
+    refill(buf, second)
+    out.sum().backward()
+    assert layer.stats["path"] == "sparse" and layer.stats["active_fraction"] > 0.005
+    assert torch.equal(layer.weight.grad, expected)

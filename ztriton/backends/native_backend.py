@@ -188,6 +188,7 @@ def _with_capacity(run, hints: tuple[str, str], per_row: int, workspace: Workspa
         if not any(overflow):
             break
         caps = [int(seen * 1.25) + 16 if seen else cap for seen, cap in zip(overflow, caps)]
+        del result, candidates, fired  # freed before the rerun allocates its own (T, B, N) spikes
     for name, buffers in zip(hints, (candidates, fired)):
         workspace.hints[name] = max(16, int(int(buffers.count.max(initial=0)) * 1.25))
     return result

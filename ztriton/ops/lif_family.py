@@ -23,7 +23,7 @@ import torch
 from ..backends import Backend, LIFConfig, Workspace, compute_dtype
 from ..backends.lif_family import FamilyTraces
 from ..boundary import eager_under_compile
-from ..events import call_input, dense
+from ..events import call_input, dense, kept_for_backward
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
 from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
@@ -90,7 +90,14 @@ class LIFFamilyFunction(torch.autograd.Function):
         ctx.cfg, ctx.path, ctx.has_bias = cfg, path, bias is not None
         ctx.backend, ctx.workspace, ctx.active, ctx.traces = backend, workspace, active, traces
         ctx.producer, ctx.ops = producer, ops
-        ctx.save_for_backward(x, weight, recurrent_weight, spikes, g)
+        # the sparse path reads x, and its own spikes but for the reset to zero, through their events:
+        # the dense tensors may be freed
+        sparse = path == "sparse"
+        kept_x = kept_for_backward(x) if sparse else x
+        kept_spikes = kept_for_backward(spikes) if sparse and not zero_reset else spikes
+        ctx.kept = (None if kept_x is x else kept_x, None if kept_spikes is spikes else kept_spikes)
+        ctx.save_for_backward(x if kept_x is x else None, weight, recurrent_weight,
+                              spikes if kept_spikes is spikes else None, g)
         kept = [t for t in (g, *traces) if t is not None]
         saved = (active.nbytes if active is not None else 0) + sum(t.numel() * t.element_size() for t in kept)
         return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), ops, active)
@@ -101,6 +108,8 @@ class LIFFamilyFunction(torch.autograd.Function):
     def backward(ctx, grad_spikes, _stats):
         refuse_double_backward("SparseLIFLinear")
         x, weight, recurrent_weight, spikes, g = ctx.saved_tensors
+        x = ctx.kept[0] if x is None else x
+        spikes = ctx.kept[1] if spikes is None else spikes
         dtype = compute_dtype(weight.dtype)
         step = _dense_backward if ctx.path == "dense" else _sparse_backward
         grad_x, grad_w, grad_b, grad_v, ds = step(ctx, grad_spikes, x, weight, recurrent_weight, spikes, g, dtype)

@@ -20,7 +20,7 @@ import torch
 
 from ..backends import Backend, LIFConfig, Workspace, compute_dtype
 from ..boundary import eager_under_compile
-from ..events import call_input, dense
+from ..events import call_input, dense, kept_for_backward
 from ..rng import PhiloxKey
 from ..sparse import ActiveSet, producer_of, sparse_grad, values_at
 from .common import input_grad_from_filtered, refuse_double_backward, run_op, without_autocast
@@ -91,7 +91,9 @@ class LIFFunction(torch.autograd.Function):
         ctx.cfg, ctx.path, ctx.has_bias = cfg, path, bias is not None
         ctx.backend, ctx.workspace, ctx.active = backend, workspace, active
         ctx.producer, ctx.ops = producer, ops
-        ctx.save_for_backward(x, weight, g)
+        kept = kept_for_backward(x) if path == "sparse" else x  # its events: x itself may be freed
+        ctx.kept_input = None if kept is x else kept
+        ctx.save_for_backward(x if kept is x else None, weight, g)
         saved = active.nbytes if active is not None else g.numel() * g.element_size()
         return spikes, LIFStats(path, fraction, nnz, saved, backend.name, spikes.numel(), ops, active)
 
@@ -101,6 +103,7 @@ class LIFFunction(torch.autograd.Function):
     def backward(ctx, grad_spikes, _stats):
         refuse_double_backward("SparseLIFLinear")
         x, weight, g = ctx.saved_tensors
+        x = ctx.kept_input if x is None else x
         dtype = compute_dtype(weight.dtype)
         step = _dense_backward if ctx.path == "dense" else _sparse_backward
         grad_x, grad_w, grad_b = step(ctx, grad_spikes, x, weight, g, dtype)
