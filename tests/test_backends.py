@@ -155,6 +155,34 @@ def test_events_from_sparse_and_dense_inputs_agree():
     assert torch.equal(events_of(call).values, 2 * one.values) and call_input(x) is not call
 
 
+def _nonzero_rows(flat):
+    rows, cols = torch.nonzero(flat, as_tuple=True)
+    row_ptr = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(rows, minlength=flat.shape[0]), 0, out=row_ptr[1:])
+    return row_ptr, cols, flat[rows, cols]
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason="needs numba")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", [
+    ((0, 5), 0.1), ((7, 0), 0.1), ((1, 1), 1.0),  # empty and tiny
+    ((3000, 50), 0.005), ((3000, 50), 0.03),  # one pass into the sampled-density scratch
+    ((1000, 33), 0.5),  # dense: counted, then listed
+    "alternate",  # the sample misjudges the density: blocks overflow their slice and are listed again
+])
+def test_the_native_scan_lists_every_non_zero_in_row_order(dtype, case):
+    gen = torch.Generator().manual_seed(3)
+    if case == "alternate":  # even rows empty, odd rows full: the rows scan_rows samples (every 16th) say 0 %
+        x = torch.randn(4096, 40, generator=gen)
+        x[::2] = 0
+    else:
+        shape, density = case
+        x = (torch.rand(shape, generator=gen) < density) * torch.randn(shape, generator=gen)
+    x = x.to(dtype)
+    for got, expected in zip(native.scan_rows(x), _nonzero_rows(x)):
+        assert torch.equal(got, expected)
+
+
 def test_spike_batch_builds_a_coalesced_event_tensor():
     batch = spike_batch([2, 0, 2, 2], [1, 0, 1, 0], [3, 1, 3, 0], (4, 2, 5))
     assert batch.is_sparse and batch.is_coalesced() and batch.shape == (4, 2, 5)

@@ -211,6 +211,24 @@ if AVAILABLE:
             counts[r] = c
 
     @jit
+    def _scan_fill_rows(lo, hi, dense, counts, cols, values, start, cap):  # pragma: no cover - compiled
+        """One pass over rows lo..hi-1: counts[r], and their non-zeros in row order into
+        cols/values[start:start + cap] while they fit. Returns how many there were (> cap: not all kept)."""
+        p = start
+        end = start + cap
+        for r in range(lo, hi):
+            c = 0
+            for j in range(dense.shape[1]):
+                if dense[r, j] != 0:
+                    if p < end:
+                        cols[p] = j
+                        values[p] = dense[r, j]
+                    p += 1
+                    c += 1
+            counts[r] = c
+        return p - start
+
+    @jit
     def _fill_rows(lo, hi, dense, row_ptr, cols, values):  # pragma: no cover - compiled
         for r in range(lo, hi):
             p = row_ptr[r]
@@ -623,6 +641,9 @@ def _require_numba() -> None:
 
 #: elements of work below which a block is not worth a thread hand-off
 SMALL_WORK = 1 << 16
+#: `scan_rows` lists in one pass into a scratch of 2x the sampled density (+ 1/64), up to this
+#: density; denser arrays are counted, then listed (a second pass, without scratch)
+MAX_SCAN_ROOM = 0.125
 
 
 def philox_uniforms(index: torch.Tensor, seed: int, offset: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -647,14 +668,45 @@ def scan_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             or dense.layout != torch.strided or dense.device.type != "cpu":
         raise TypeError(f"dense must be a strided 2-D float32/64 CPU tensor, got {_describe(dense)}")
     array = dense.detach().contiguous().numpy()
-    rows = array.shape[0]
+    rows, width = array.shape
     counts = np.empty(rows, dtype=np.int64)
-    run_kernel(_scan_rows, rows, array, counts)
+    sample = array[::max(1, rows // 256)]
+    room = 2.0 * np.count_nonzero(sample) / max(sample.size, 1) + 1 / 64  # density the scratch holds
+    if room > MAX_SCAN_ROOM:  # dense: count, then list (a one-pass scratch would be too large)
+        run_kernel(_scan_rows, rows, array, counts)
+        row_ptr = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(counts, out=row_ptr[1:])
+        cols = np.empty(row_ptr[-1], dtype=np.int64)
+        values = np.empty(row_ptr[-1], dtype=array.dtype)
+        run_kernel(_fill_rows, rows, array, row_ptr, cols, values)
+        return torch.from_numpy(row_ptr), torch.from_numpy(cols), torch.from_numpy(values)
+    # sparse: one pass, each block listing its non-zeros into its own slice of a scratch sized from a
+    # sample of rows; a block that held more than its slice is listed again (its rows only)
+    ranges = block_ranges(rows, max(MIN_BLOCK, SMALL_WORK // max(width, 1)))
+    caps = [int((hi - lo) * width * room) + 16 for lo, hi in ranges]
+    starts = np.zeros(len(caps) + 1, dtype=np.int64)
+    np.cumsum(caps, out=starts[1:])
+    scratch_cols = np.empty(starts[-1], dtype=np.int64)
+    scratch_values = np.empty(starts[-1], dtype=array.dtype)
+    found = np.empty(len(ranges), dtype=np.int64)
+
+    def scan(block: int) -> None:
+        lo, hi = ranges[block]
+        found[block] = _scan_fill_rows(lo, hi, array, counts, scratch_cols, scratch_values, starts[block], caps[block])
+
+    run_blocks(lambda _, first, last: [scan(block) for block in range(first, last)], len(ranges), 1)
     row_ptr = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(counts, out=row_ptr[1:])
     cols = np.empty(row_ptr[-1], dtype=np.int64)
     values = np.empty(row_ptr[-1], dtype=array.dtype)
-    run_kernel(_fill_rows, rows, array, row_ptr, cols, values)
+    for block, (lo, hi) in enumerate(ranges):
+        if found[block] <= caps[block]:
+            kept = slice(starts[block], starts[block] + found[block])
+            cols[row_ptr[lo]:row_ptr[hi]] = scratch_cols[kept]
+            values[row_ptr[lo]:row_ptr[hi]] = scratch_values[kept]
+    redo = [lo_hi for block, lo_hi in enumerate(ranges) if found[block] > caps[block]]
+    run_blocks(lambda _, first, last: [_fill_rows(*redo[i], array, row_ptr, cols, values) for i in range(first, last)],
+               len(redo), 1)
     return torch.from_numpy(row_ptr), torch.from_numpy(cols), torch.from_numpy(values)
 
 
@@ -710,7 +762,8 @@ def warm_up() -> float:
     philox_uniforms(torch.arange(4), 1, 0, 0)
     gather_events(np.zeros(1, np.int16), np.zeros(1, np.int16), np.array([0, 1]), np.array([0]), 1)
     for dtype in (torch.float32, torch.float64):
-        scan_rows(torch.eye(3, dtype=dtype))
+        scan_rows(torch.eye(3, dtype=dtype))  # dense: counted, then listed
+        scan_rows(torch.eye(64, dtype=dtype))  # sparse: one pass
         for warm in WARM_UPS:
             warm(dtype)
     return time.perf_counter() - start
