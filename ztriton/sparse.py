@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -103,14 +102,6 @@ def sparse_grad(active: ActiveSet, values: torch.Tensor, dtype: torch.dtype) -> 
                                    is_coalesced=True, check_invariants=False)
 
 
-def sorted_positions(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """torch.searchsorted(sorted_values, queries) (left); on CPU by numpy's, which is 2-4x faster for
-    10-20k sorted int64 queries (0.30 against 0.69 ms for 20k here, 1.6 ms for torch's with 2 threads)."""
-    if sorted_values.device.type != "cpu":
-        return torch.searchsorted(sorted_values, queries)
-    return torch.from_numpy(np.searchsorted(sorted_values.numpy(), queries.numpy()))
-
-
 def values_at(grad: torch.Tensor, active: ActiveSet, dtype: torch.dtype) -> torch.Tensor:
     """The entries of an incoming gradient (dense, broadcast or sparse COO) at the active set.
 
@@ -131,5 +122,5 @@ def values_at(grad: torch.Tensor, active: ActiveSet, dtype: torch.dtype) -> torc
         return torch.zeros(active.nnz, dtype=dtype, device=values.device)
     _, batch, width = active.shape
     flat = (indices[0] * batch + indices[1]) * width + indices[2]  # sorted: the gradient is coalesced
-    position = sorted_positions(flat, active.index).clamp_(max=flat.numel() - 1)
+    position = torch.searchsorted(flat, active.index).clamp_(max=flat.numel() - 1)
     return torch.where(flat[position] == active.index, values[position], 0.0)
