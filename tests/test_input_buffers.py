@@ -173,3 +173,28 @@ def test_a_buffer_refilled_before_the_backward_gives_the_forward_batch_gradients
     out.sum().backward()
     assert layer.stats["path"] == "sparse" and layer.stats["active_fraction"] > 0.005
     assert torch.equal(layer.weight.grad, expected)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_a_torch_layer_after_a_native_one_keeps_the_input_its_forward_read(recurrent):
+    """A native layer's output edited without a version bump (`.data`): a torch-backend consumer
+    reads the dense values in its forward, so its backward must not take the stale cached events."""
+    first, _ = _two_layers("native")
+    torch.manual_seed(0)
+    second = SparseLIFLinear(40, 24, beta=0.9, delta=0.3, backend="torch", path="sparse", recurrent=recurrent)
+    second.weight.data.mul_(4)
+    x = _batch(14, 0.1)
+    grads = []
+    for edit in ("data", "fresh"):
+        torch.manual_seed(9)
+        second.weight.grad = None
+        if edit == "data":
+            hidden = first(x)
+            hidden.data.mul_(0.5)  # invisible to the version counter: the events cache still holds
+        else:
+            hidden = 0.5 * first(x).detach()
+        out = second(hidden)
+        (out * torch.linspace(-1, 1, 24)).sum().backward()
+        assert second.stats["path"] == "sparse" and second.stats["active_fraction"] > 0.005
+        grads.append(second.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])

@@ -126,7 +126,8 @@ class KeptEvents:
     A sparse-path backward reads its input through `events_of` (or rebuilds it with `dense`), so
     the dense tensor need not outlive the forward: a network's hidden spikes are freed as soon as
     nothing else holds them (a width-1024 layer's float32 spikes at T 300, B 128 are 157 MiB, its
-    events at 3 % firing 16 MiB), and the backward sees the values the forward read.
+    events at 3 % firing 16 MiB). Kept where the forward read x through these same events (the
+    native backend's), so the backward sees what the forward read.
     """
 
     is_sparse = False

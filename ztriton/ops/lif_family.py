@@ -91,9 +91,9 @@ class LIFFamilyFunction(torch.autograd.Function):
         ctx.backend, ctx.workspace, ctx.active, ctx.traces = backend, workspace, active, traces
         ctx.producer, ctx.ops = producer, ops
         # the sparse path reads x, and its own spikes but for the reset to zero, through their events:
-        # the dense tensors may be freed
+        # the dense tensors may be freed (x's only where a native forward read it through them)
         sparse = path == "sparse"
-        kept_x = kept_for_backward(x) if sparse else x
+        kept_x = kept_for_backward(x) if sparse and ops["forward"] == "native" else x
         kept_spikes = kept_for_backward(spikes) if sparse and not zero_reset else spikes
         ctx.kept = (None if kept_x is x else kept_x, None if kept_spikes is spikes else kept_spikes)
         ctx.save_for_backward(x if kept_x is x else None, weight, recurrent_weight,

@@ -91,7 +91,8 @@ class LIFFunction(torch.autograd.Function):
         ctx.cfg, ctx.path, ctx.has_bias = cfg, path, bias is not None
         ctx.backend, ctx.workspace, ctx.active = backend, workspace, active
         ctx.producer, ctx.ops = producer, ops
-        kept = kept_for_backward(x) if path == "sparse" else x  # its events: x itself may be freed
+        # the events a native forward read x through: x itself may be freed (`events.KeptEvents`)
+        kept = kept_for_backward(x) if path == "sparse" and ops["forward"] == "native" else x
         ctx.kept_input = None if kept is x else kept
         ctx.save_for_backward(x if kept is x else None, weight, g)
         saved = active.nbytes if active is not None else g.numel() * g.element_size()
