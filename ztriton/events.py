@@ -138,7 +138,8 @@ class KeptEvents:
     def to_dense(self) -> torch.Tensor:
         rows, width = self.shape[0] * self.shape[1], self.shape[2]
         out = torch.zeros(rows, width, dtype=self.dtype, device=self.device)
-        row_of = torch.repeat_interleave(torch.arange(rows, device=self.device), self.events.row_ptr.diff())
+        row_of = torch.repeat_interleave(torch.arange(rows, device=self.device), self.events.row_ptr.diff(),
+                                         output_size=self.events.nnz)
         out[row_of, self.events.cols] = self.events.values.to(self.dtype)
         return out.view(self.shape)
 

@@ -672,14 +672,38 @@ def scan_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     counts = np.empty(rows, dtype=np.int64)
     sample = array[::max(1, rows // 256)]
     room = 2.0 * np.count_nonzero(sample) / max(sample.size, 1) + 1 / 64  # density the scratch holds
-    if room > MAX_SCAN_ROOM:  # dense: count, then list (a one-pass scratch would be too large)
+    ranges = block_ranges(rows, max(MIN_BLOCK, SMALL_WORK // max(width, 1)))
+    if room > MAX_SCAN_ROOM:  # dense: count every row, then list every block (no scratch)
         run_kernel(_scan_rows, rows, array, counts)
-        row_ptr = np.zeros(rows + 1, dtype=np.int64)
-        np.cumsum(counts, out=row_ptr[1:])
-        cols = np.empty(row_ptr[-1], dtype=np.int64)
-        values = np.empty(row_ptr[-1], dtype=array.dtype)
-        run_kernel(_fill_rows, rows, array, row_ptr, cols, values)
-        return torch.from_numpy(row_ptr), torch.from_numpy(cols), torch.from_numpy(values)
+        redo = ranges
+    else:  # sparse: one pass, each block into its own slice of a scratch sized from the sample
+        caps = [int((hi - lo) * width * room) + 16 for lo, hi in ranges]
+        starts = np.zeros(len(caps) + 1, dtype=np.int64)
+        np.cumsum(caps, out=starts[1:])
+        scratch_cols = np.empty(starts[-1], dtype=np.int64)
+        scratch_values = np.empty(starts[-1], dtype=array.dtype)
+        found = np.empty(len(ranges), dtype=np.int64)
+
+        def scan(block: int) -> None:
+            lo, hi = ranges[block]
+            found[block] = _scan_fill_rows(lo, hi, array, counts, scratch_cols, scratch_values, starts[block],
+                                           caps[block])
+
+        run_blocks(lambda _, first, last: [scan(block) for block in range(first, last)], len(ranges), 1)
+        redo = [lo_hi for block, lo_hi in enumerate(ranges) if found[block] > caps[block]]  # held more: again
+    row_ptr = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    cols = np.empty(row_ptr[-1], dtype=np.int64)
+    values = np.empty(row_ptr[-1], dtype=array.dtype)
+    if redo is not ranges:
+        for block, (lo, hi) in enumerate(ranges):
+            if found[block] <= caps[block]:
+                kept = slice(starts[block], starts[block] + found[block])
+                cols[row_ptr[lo]:row_ptr[hi]] = scratch_cols[kept]
+                values[row_ptr[lo]:row_ptr[hi]] = scratch_values[kept]
+    run_blocks(lambda _, first, last: [_fill_rows(*redo[i], array, row_ptr, cols, values) for i in range(first, last)],
+               len(redo), 1)
+    return torch.from_numpy(row_ptr), torch.from_numpy(cols), torch.from_numpy(values)
     # sparse: one pass, each block listing its non-zeros into its own slice of a scratch sized from a
     # sample of rows; a block that held more than its slice is listed again (its rows only)
     ranges = block_ranges(rows, max(MIN_BLOCK, SMALL_WORK // max(width, 1)))
